@@ -1,0 +1,39 @@
+# `make demo`: set up .venv, build the demo corpus and tokenizer, run the demo.
+# `make test`: set up .venv and run the test suite (what CI runs).
+PYTHON ?= python3
+VENV   := .venv
+PY     := $(VENV)/bin/python
+STAMP  := $(VENV)/.installed-$(shell cat requirements.txt pyproject.toml | cksum | cut -d' ' -f1)
+
+.PHONY: setup demo test bench corpus tokenizer clean
+
+setup: $(STAMP)
+
+$(STAMP): requirements.txt pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade "pip>=23" "setuptools>=64" wheel
+	$(PY) -m pip install --quiet -r requirements.txt
+	$(PY) -m pip install --quiet --no-deps --no-build-isolation -e .
+	rm -f $(VENV)/.installed-* && touch $@
+
+data/demo_corpus/.done: | $(STAMP)
+	$(PY) -m clm.corpus --output_dir data/demo_corpus
+	touch $@
+
+data/demo_tokenizer/tokenizer.json: data/demo_corpus/.done
+	$(PY) -m clm.tokenizer --dataset_name data/demo_corpus --vocab_size 8192 --output_dir data/demo_tokenizer
+
+corpus: data/demo_corpus/.done
+tokenizer: data/demo_tokenizer/tokenizer.json
+
+demo: setup tokenizer
+	$(PY) bench/data_throughput.py --dataset_name data/demo_corpus --tokenizer_name data/demo_tokenizer
+
+bench: setup tokenizer
+	$(PY) bench/data_throughput.py
+
+test: setup
+	$(PY) -m pytest -q
+
+clean:
+	rm -rf $(VENV) data outputs

@@ -1,0 +1,141 @@
+"""Typed run configuration: one dataclass per concern, driven by the CLI and `--config x.yaml`.
+
+    python train_clm.py --config configs/demo_cpu.yaml --max_steps 50   # CLI wins over the YAML
+
+Each field's help text lives in its `metadata` and shows in `--help`; checks live in
+`__post_init__` and raise `UsageError`, which the entry points print as one line
+`error: <what> (<how to fix>)` with exit code 2, before any work starts.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Callable, Optional
+
+import yaml
+
+
+class UsageError(ValueError):
+    """Bad input from the user: printed as `error: <message>` with exit code 2, no traceback."""
+
+
+def _help(text: str, **kw):
+    return field(metadata={"help": text}, **kw)
+
+
+@dataclass
+class DataConfig:
+    """Where text comes from and how it becomes packed blocks of tokens."""
+
+    dataset_name: Optional[str] = _help(
+        "Hub dataset (parquet, no loading script) or a local folder laid out like one. "
+        "Ignored when --train_files is given.", default="Skylion007/openwebtext")
+    dataset_config_name: Optional[str] = _help("Hub dataset configuration name.", default=None)
+    dataset_revision: Optional[str] = _help("Hub dataset revision (branch, tag or commit) to pin.",
+                                            default=None)
+    train_files: Optional[list[str]] = _help(
+        "Local training files: one or more globs of .txt (one document per file), .jsonl or "
+        ".parquet.", default=None)
+    validation_files: Optional[list[str]] = _help(
+        "Local held-out files (same formats), evaluated in full.", default=None)
+    text_column: str = _help("Column holding the document text.", default="text")
+    streaming: bool = _help(
+        "Stream the data: nothing is downloaded or tokenized in full before step 1.", default=True)
+    tokenizer_name: Optional[str] = _help(
+        "Tokenizer: a Hub name (e.g. gpt2) or a local folder (the demo trains its own).",
+        default=None)
+    block_size: int = _help("Tokens per training sequence (packed, documents joined by EOS).",
+                            default=1024)
+    validation_split_tokens: int = _help(
+        "Size of the held-out set in tokens when it is carved from the training data or taken "
+        "from the dataset's own validation split.", default=1_048_576)
+    validation_split_percentage: float = _help(
+        "Percentage of documents, chosen by a hash of their text, held out of training when no "
+        "validation files or split exist.", default=1.0)
+    shuffle: bool = _help(
+        "Shuffle shard order each epoch and documents within each window (resumable exactly).",
+        default=True)
+    shuffle_window: int = _help("Documents read and shuffled together.", default=1024)
+    dataloader_num_workers: int = _help(
+        "DataLoader worker processes that read and tokenize ahead of the training loop.",
+        default=1)
+
+    def __post_init__(self):
+        if not self.train_files and not self.dataset_name:
+            raise UsageError("no training data (pass --train_files GLOB or --dataset_name NAME)")
+        if self.block_size < 2:
+            raise UsageError(f"--block_size {self.block_size} is too small (use at least 2)")
+        if self.validation_split_tokens < 0:
+            raise UsageError("--validation_split_tokens must be >= 0")
+        if not 0 <= self.validation_split_percentage < 100:
+            raise UsageError(f"--validation_split_percentage {self.validation_split_percentage} "
+                             "is out of range (use a value in [0, 100))")
+        if self.shuffle_window < 1:
+            raise UsageError("--shuffle_window must be >= 1")
+        if self.dataloader_num_workers < 0:
+            raise UsageError("--dataloader_num_workers must be >= 0")
+
+
+def _one_line_error(message: str) -> None:
+    print(f"error: {message}", file=sys.stderr)
+    raise SystemExit(2)
+
+
+class _Parser:
+    """HfArgumentParser whose argparse errors follow the one-line error contract."""
+
+    def __init__(self, types, description: str | None):
+        from transformers import HfArgumentParser
+
+        self.types = list(types)
+        self.parser = HfArgumentParser(self.types, description=description)
+        self.parser.add_argument("--config", default=None,
+                                 help="YAML file of options; command-line options override it.")
+        self.parser.error = lambda message: _one_line_error(f"{message} (see --help)")
+
+
+def parse_config(types, argv=None, description: str | None = None):
+    """Parse `argv` into one instance of each dataclass in `types`: YAML first, the CLI over it."""
+    p = _Parser(types, description)
+    argv = list(sys.argv[1:] if argv is None else argv)
+    pre = argparse.ArgumentParser(add_help=False)
+    pre.add_argument("--config")
+    known, _ = pre.parse_known_args(argv)
+    if known.config:
+        p.parser.set_defaults(**load_yaml(known.config, p.types))
+    ns = p.parser.parse_args(argv)
+    out = []
+    for cls in p.types:
+        names = {f.name for f in fields(cls) if f.init}
+        out.append(cls(**{k: v for k, v in vars(ns).items() if k in names}))
+    return tuple(out)
+
+
+def load_yaml(path: str, types) -> dict:
+    """Read a YAML run config; every key must be an option of one of `types`."""
+    file = Path(path)
+    if not file.is_file():
+        raise UsageError(f"--config {path} does not exist (check the path)")
+    try:
+        values = yaml.safe_load(file.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise UsageError(f"--config {path} is not valid YAML: {str(e).splitlines()[0]}") from None
+    if not isinstance(values, dict):
+        raise UsageError(f"--config {path} must be a mapping of option: value")
+    known = {f.name for cls in types for f in fields(cls)}
+    unknown = sorted(set(values) - known)
+    if unknown:
+        raise UsageError(f"--config {path} has unknown option(s) {unknown} (see --help)")
+    return values
+
+
+def run_cli(main: Callable, types, argv=None, description: str | None = None):
+    """Parse, then run `main(*configs)`; a UsageError anywhere becomes the one-line error."""
+    try:
+        configs = parse_config(types, argv, description)
+        return main(*configs)
+    except UsageError as e:
+        _one_line_error(str(e))

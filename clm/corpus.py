@@ -1,0 +1,165 @@
+"""Build the offline demo corpus from the prose that ships inside installed Python packages.
+
+    python -m clm.corpus --output_dir data/demo_corpus
+
+No text is committed to this repository and the Hub cannot be reached here, so the demo corpus is
+made at set-up time: every docstring of the standard library and of the installed packages
+(transformers, torch, datasets, ...), read with `ast` (no code is imported or run), cleaned of code
+examples, deduplicated, and grouped one document per module. The result is written as parquet
+shards laid out like OpenWebText on the Hub (`plain_text/train-0000i-of-0000n.parquet`, one `text`
+column), so the demo streams through exactly the code a real run uses. The same installed packages
+give the same bytes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import ast
+import hashlib
+import re
+import sys
+import sysconfig
+import warnings
+from pathlib import Path
+
+# Packages whose docstrings are mostly English prose, in the order they are read. The standard
+# library comes first so that a minimal environment still yields a useful corpus.
+DEFAULT_PACKAGES = ("stdlib", "transformers", "torch", "datasets", "accelerate", "numpy",
+                    "huggingface_hub", "pyarrow", "matplotlib", "tokenizers", "safetensors",
+                    "yaml", "tqdm", "fsspec", "pandas", "pip", "setuptools")
+
+_CODE_LINE = re.compile(r"^\s*(>>>|\.\.\.|\$ |In \[\d+\]|Out\[\d+\])")
+_WORD = re.compile(r"[A-Za-z]{2,}")
+
+
+def package_roots(names) -> list[tuple[str, Path]]:
+    """(name, folder) for each requested package that is installed; 'stdlib' is the standard library."""
+    roots = []
+    for name in names:
+        if name == "stdlib":
+            roots.append((name, Path(sysconfig.get_paths()["stdlib"])))
+            continue
+        for base in sys.path:
+            folder = Path(base) / name
+            if base and folder.is_dir() and (folder / "__init__.py").exists():
+                roots.append((name, folder))
+                break
+    return roots
+
+
+def _module_files(name: str, root: Path):
+    for path in sorted(root.rglob("*.py")):
+        rel = path.relative_to(root).as_posix()
+        # Tests and vendored third-party code repeat or quote others' prose; skip them.
+        if name == "stdlib" and (rel.startswith(("site-packages/", "test/", "idlelib/idle_test/"))
+                                 or "/tests/" in rel):
+            continue
+        if "/tests/" in f"/{rel}" or "/_vendor/" in f"/{rel}":
+            continue
+        yield rel, path
+
+
+def _prose(doc: str) -> str:
+    """Keep the paragraphs of a docstring that read as English sentences."""
+    paragraphs = []
+    for para in re.split(r"\n\s*\n", doc):
+        lines = [ln for ln in para.splitlines() if not _CODE_LINE.match(ln)]
+        text = " ".join(ln.strip() for ln in lines).strip()
+        if len(text) < 80:
+            continue
+        words = _WORD.findall(text)
+        letters = sum(len(w) for w in words)
+        # Parameter tables, signatures and code have few long words per character.
+        if len(words) < 12 or letters < 0.6 * len(text):
+            continue
+        paragraphs.append(text)
+    return "\n\n".join(paragraphs)
+
+
+def module_docstrings(source: str) -> list[str]:
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            tree = ast.parse(source)
+    except (SyntaxError, ValueError):
+        return []
+    docs = []
+    for node in ast.walk(tree):
+        if isinstance(node, (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef)):
+            doc = ast.get_docstring(node, clean=True)
+            if doc:
+                docs.append(doc)
+    return docs
+
+
+def _file_paragraphs(path: Path) -> list[str]:
+    try:
+        source = path.read_text(encoding="utf-8")
+    except (UnicodeDecodeError, OSError):
+        return []
+    return [para for doc in module_docstrings(source) for para in _prose(doc).split("\n\n") if para]
+
+
+def iter_documents(packages=DEFAULT_PACKAGES, min_chars: int = 200, processes: int | None = None):
+    """Yield one document per module: its prose paragraphs, each paragraph seen only once overall."""
+    from multiprocessing import Pool
+
+    files = [path for name, root in package_roots(packages) for _, path in _module_files(name, root)]
+    seen: set[bytes] = set()
+    # Parsing is the slow part and is per file; imap keeps the file order, so the output is stable.
+    with Pool(processes) as pool:
+        for paragraphs in pool.imap(_file_paragraphs, files, chunksize=16):
+            kept = []
+            for para in paragraphs:
+                key = hashlib.blake2b(para.lower().encode(), digest_size=16).digest()
+                if key not in seen:
+                    seen.add(key)
+                    kept.append(para)
+            text = "\n\n".join(kept)
+            if len(text) >= min_chars:
+                yield text
+
+
+def build_corpus(output_dir: str | Path, packages=DEFAULT_PACKAGES, num_shards: int = 4,
+                 rows_per_group: int = 128, max_bytes: int | None = 10_000_000) -> dict:
+    """Write the corpus as OpenWebText-like parquet shards; returns a summary."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    docs, size = [], 0
+    for doc in iter_documents(packages):
+        docs.append(doc)
+        size += len(doc.encode())
+        if max_bytes and size >= max_bytes:
+            break
+    if not docs:
+        raise ValueError(f"no prose found in packages {list(packages)}")
+    out = Path(output_dir) / "plain_text"
+    out.mkdir(parents=True, exist_ok=True)
+    for old in out.glob("*.parquet"):
+        old.unlink()
+    num_shards = max(1, min(num_shards, len(docs)))
+    per_shard = -(-len(docs) // num_shards)
+    for i in range(num_shards):
+        table = pa.table({"text": docs[i * per_shard:(i + 1) * per_shard]})
+        # Small row groups give the streaming reader many shards to spread over ranks and workers.
+        pq.write_table(table, out / f"train-{i:05d}-of-{num_shards:05d}.parquet",
+                       row_group_size=rows_per_group, compression="zstd")
+    return {"documents": len(docs), "bytes": size, "shards": num_shards, "path": str(out)}
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--output_dir", default="data/demo_corpus")
+    parser.add_argument("--packages", nargs="+", default=list(DEFAULT_PACKAGES),
+                        help="installed packages to read ('stdlib' = the standard library)")
+    parser.add_argument("--num_shards", type=int, default=4)
+    parser.add_argument("--max_bytes", type=int, default=10_000_000, help="stop after this much text")
+    args = parser.parse_args(argv)
+    summary = build_corpus(args.output_dir, args.packages, args.num_shards, max_bytes=args.max_bytes)
+    print(f"demo corpus: {summary['documents']} documents, {summary['bytes'] / 1e6:.1f} MB "
+          f"in {summary['shards']} parquet shards at {summary['path']}")
+
+
+if __name__ == "__main__":
+    main()

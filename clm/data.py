@@ -1,0 +1,388 @@
+"""Streaming text -> tokens -> packed blocks, sharded by rank and worker, resumable exactly.
+
+    python bench/data_throughput.py --dataset_name data/demo_corpus --tokenizer_name data/demo_tokenizer
+
+Sources are `datasets` streaming `IterableDataset`s: a Hub dataset by name (parquet, read in row
+groups), a local folder laid out like one, or local `.txt`/`.jsonl`/`.parquet` globs. Every rank
+and every DataLoader worker gets its own shards through `datasets.distributed.split_dataset_by_node`
+(applied twice: ranks, then workers), so the streams are disjoint and together cover the data.
+
+Ordering is ours, not `IterableDataset.shuffle`'s, because a shuffle buffer cannot be resumed
+without storing its contents: each epoch the shard order is permuted (`set_epoch` with a key
+derived from the seed and the epoch), and documents are read in windows of `shuffle_window` that
+are permuted by a generator seeded from (seed, epoch, window, rank, worker). The position of the
+next token is therefore fully described by (epoch, window, the datasets state at the window's
+start, document in window, token offset in document): a resume loads that datasets state (which
+seeks by shard, i.e. parquet row group), re-reads one window and drops the tokens already used.
+Nothing is carried in the state but these numbers.
+
+When a worker's shards run out it starts its next epoch on its own (new shard order and window
+permutation), so ranks with uneven data never wait for each other and nobody hangs; the run's
+length is set by `max_steps`, not by the data.
+"""
+
+from __future__ import annotations
+
+import copy
+import glob
+import hashlib
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator, Optional
+
+import numpy as np
+import torch
+
+from .config import DataConfig, UsageError
+
+BUILDERS = {".txt": "text", ".jsonl": "json", ".json": "json", ".parquet": "parquet"}
+TOKENIZE_CHUNK = 128  # documents per tokenizer call: large enough to amortise, small for latency
+
+
+# ----------------------------------------------------------------------------- sources
+
+def resolve_files(patterns: list[str] | str, option: str) -> tuple[list[str], str]:
+    """Expand globs into a sorted file list and the `datasets` builder that reads them."""
+    patterns = [patterns] if isinstance(patterns, str) else list(patterns)
+    files: list[str] = []
+    for pattern in patterns:
+        matched = sorted(glob.glob(os.path.expanduser(pattern), recursive=True))
+        matched = [f for f in matched if os.path.isfile(f)]
+        if not matched:
+            raise UsageError(f"{option} '{pattern}' matches no file (check the path or the glob)")
+        files += matched
+    exts = {Path(f).suffix.lower() for f in files}
+    unknown = sorted(exts - set(BUILDERS))
+    if unknown:
+        raise UsageError(f"{option}: unsupported file type {unknown[0]!r} "
+                         "(use .txt, .jsonl or .parquet)")
+    builders = {BUILDERS[e] for e in exts}
+    if len(builders) > 1:
+        raise UsageError(f"{option} mixes file types {sorted(exts)} (pass one type per option)")
+    return files, builders.pop()
+
+
+def dataset_has_split(cfg: DataConfig, split: str) -> bool:
+    if cfg.train_files:
+        return False
+    from datasets import get_dataset_split_names
+
+    try:
+        return split in get_dataset_split_names(cfg.dataset_name, cfg.dataset_config_name,
+                                                revision=cfg.dataset_revision)
+    except Exception:  # unreachable Hub: the training split's own load reports it
+        return False
+
+
+def open_source(cfg: DataConfig, split: str = "train"):
+    """The documents of `split` as a streaming `datasets.IterableDataset` with one text column.
+
+    `split` is "train" or "validation"; local files take `--train_files`/`--validation_files`.
+    """
+    from datasets import load_dataset
+
+    files = cfg.train_files if split == "train" else cfg.validation_files
+    if files:
+        option = "--train_files" if split == "train" else "--validation_files"
+        paths, builder = resolve_files(files, option)
+        what = f"{option} {' '.join(files)}"
+        kwargs = {"sample_by": "document"} if builder == "text" else {}
+        load = lambda: load_dataset(builder, data_files={split: paths}, split=split,  # noqa: E731
+                                    streaming=cfg.streaming, **kwargs)
+    else:
+        what = f"--dataset_name {cfg.dataset_name}"
+        load = lambda: load_dataset(cfg.dataset_name, cfg.dataset_config_name,  # noqa: E731
+                                    split=split, revision=cfg.dataset_revision,
+                                    streaming=cfg.streaming)
+    empty = UsageError(f"{what} holds no documents (check the files or the split)")
+    if files and all(os.path.getsize(p) == 0 for p in paths):
+        raise empty
+    try:
+        ds = load()
+    except StopIteration:  # datasets' schema inference on data without a single record
+        raise empty from None
+    except Exception as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise UsageError(f"could not load {what}: {first} (check the name, revision and "
+                         "network; offline, use --train_files or a local folder)") from None
+    if not cfg.streaming:
+        ds = ds.to_iterable_dataset(num_shards=max(1, min(len(ds), 256)))
+    first = next(iter(ds.take(1)), None)
+    if first is None:
+        raise empty
+    if cfg.text_column not in first:
+        raise UsageError(f"--text_column '{cfg.text_column}' not found in {what}; columns found: "
+                         f"{sorted(first)} (pass --text_column with one of them)")
+    # One shard per parquet row group, so ranks and workers can seek and share work finely.
+    return ds.reshard().select_columns([cfg.text_column])
+
+
+def is_heldout(text: str, percentage: float) -> bool:
+    """Whether a document belongs to the carved held-out set: a hash, so order-independent."""
+    digest = hashlib.blake2b(text.encode("utf-8", "surrogatepass"), digest_size=8).digest()
+    return int.from_bytes(digest, "little") < percentage / 100 * 2**64
+
+
+def heldout_source(cfg: DataConfig) -> str | None:
+    """Where the held-out set comes from: 'files', 'split', 'carve' (hash of the text) or None."""
+    if cfg.validation_files:
+        return "files"
+    if dataset_has_split(cfg, "validation"):
+        return "split"
+    return "carve" if cfg.validation_split_percentage > 0 else None
+
+
+# ----------------------------------------------------------------------------- tokenize + pack
+
+def load_tokenizer(name: str):
+    from transformers import AutoTokenizer
+
+    try:
+        tok = AutoTokenizer.from_pretrained(name)
+    except Exception as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise UsageError(f"could not load tokenizer '{name}': {first} "
+                         "(pass --tokenizer_name with a Hub name or a local tokenizer folder)") from None
+    if tok.eos_token_id is None:
+        raise UsageError(f"tokenizer '{name}' has no EOS token (documents are joined by EOS; "
+                         "use a tokenizer with an eos_token)")
+    return tok
+
+
+def encode(tokenizer, texts: list[str]) -> list[np.ndarray]:
+    """Token ids of each text followed by EOS (no other special tokens)."""
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is not None:  # the Rust tokenizer directly: no offsets, no Python BatchEncoding
+        ids = [e.ids for e in backend.encode_batch_fast(texts, add_special_tokens=False)]
+    else:
+        ids = tokenizer(texts, add_special_tokens=False)["input_ids"]
+    eos = tokenizer.eos_token_id
+    return [np.array(x + [eos], dtype=np.int32) for x in ids]
+
+
+def pack(docs: Iterator[tuple[dict, np.ndarray]], block_size: int, skip: int = 0):
+    """Cut a stream of token documents into full blocks; yield (block, position of next token).
+
+    No token is dropped or repeated between blocks: a document's tail is carried into the next
+    block, which may span documents, windows and epochs. `skip` drops the first tokens of the
+    first document (the resume offset). The position is the document's and the offset in it.
+    """
+    pieces, have = [], 0
+    for pos, tokens in docs:
+        i, skip = skip, 0
+        while i < len(tokens):
+            take = min(block_size - have, len(tokens) - i)
+            pieces.append(tokens[i:i + take])
+            have, i = have + take, i + take
+            if have == block_size:
+                yield np.concatenate(pieces), {**pos, "offset": i}
+                pieces, have = [], 0
+
+
+def _epoch_key(seed: int, epoch: int) -> int:
+    # datasets permutes shard order with default_rng(key) and skips it for key 0.
+    return int.from_bytes(hashlib.blake2b(f"{seed}/{epoch}".encode(), digest_size=4).digest(),
+                          "little") | 1
+
+
+@dataclass
+class StreamSpec:
+    """Which slice of which source a PackedBlocks stream reads."""
+
+    rank: int = 0
+    world_size: int = 1
+    num_workers: int = 0
+    seed: int = 0
+    shuffle: bool = True
+    window: int = 1024
+    select: str = "all"          # "all", "train" (not held out) or "heldout"
+    heldout_percentage: float = 0.0
+    infinite: bool = True        # cycle into new epochs (training) or stop at the end (eval)
+
+
+class PackedBlocks(torch.utils.data.IterableDataset):
+    """Micro-batches `{input_ids, attention_mask, labels, _state}` of packed blocks for one rank.
+
+    Iterated by a DataLoader (workers or not) through `BlockLoader`, which keeps the states.
+    """
+
+    def __init__(self, source, tokenizer, block_size: int, batch_size: int, spec: StreamSpec,
+                 text_column: str = "text"):
+        self.source, self.tokenizer, self.spec = source, tokenizer, spec
+        self.block_size, self.batch_size, self.text_column = block_size, batch_size, text_column
+        self.resume_states: list[Optional[dict]] = [None] * max(1, spec.num_workers)
+        self.worker_offset = 0
+
+    def _split(self, worker: int):
+        from datasets.distributed import split_dataset_by_node
+
+        s = self.spec
+        workers = max(1, s.num_workers)
+        # Whole shards when there are enough for everyone; else every k-th document.
+        strategy = "shards" if self.source.num_shards >= s.world_size * workers else "examples"
+        ds = split_dataset_by_node(self.source, s.rank, s.world_size, strategy=strategy)
+        return split_dataset_by_node(ds, worker, workers, strategy=strategy)
+
+    def _keep(self, text) -> bool:
+        if not text:
+            return False
+        s = self.spec
+        if s.select == "all":
+            return True
+        return is_heldout(text, s.heldout_percentage) == (s.select == "heldout")
+
+    def documents(self, worker: int, resume: Optional[dict] = None):
+        """Yield (position, tokens) for each document of this worker's stream, from `resume` on."""
+        s = self.spec
+        epoch = resume["epoch"] if resume else 0
+        while True:
+            ds = self._split(worker)
+            if s.shuffle:
+                ds.set_epoch(_epoch_key(s.seed, epoch))
+            window, first_doc, window_state = 0, 0, None
+            if resume:
+                window, first_doc, window_state = resume["window"], resume["doc"], resume["hf_state"]
+                if window_state is not None:
+                    ds.load_state_dict(window_state)
+                resume = None
+            from_start, found = window == 0 and first_doc == 0, False
+            batches = ds.iter(batch_size=s.window)
+            try:
+                for batch in batches:
+                    texts = [t for t in batch[self.text_column] if self._keep(t)]
+                    found = found or bool(texts)
+                    if s.shuffle:
+                        rng = np.random.default_rng([s.seed, epoch, window, s.rank, worker])
+                        texts = [texts[i] for i in rng.permutation(len(texts))]
+                    pos = {"epoch": epoch, "window": window, "hf_state": window_state}
+                    for lo in range(first_doc, len(texts), TOKENIZE_CHUNK):
+                        chunk = texts[lo:lo + TOKENIZE_CHUNK]
+                        for j, tokens in enumerate(encode(self.tokenizer, chunk)):
+                            yield {**pos, "doc": lo + j}, tokens
+                    first_doc, window = 0, window + 1
+                    window_state = copy.deepcopy(ds.state_dict())
+            finally:
+                batches.close()
+            if not s.infinite:
+                return
+            if from_start and not found:  # cycling an empty stream would spin forever
+                raise UsageError(f"rank {s.rank} worker {worker} got no documents (fewer "
+                                 "documents than ranks x workers? lower "
+                                 "--dataloader_num_workers or add data)")
+            epoch += 1
+
+    def blocks(self, worker: int, resume: Optional[dict] = None):
+        skip = resume["offset"] if resume else 0
+        yield from pack(self.documents(worker, resume), self.block_size, skip)
+
+    def __iter__(self):
+        info = torch.utils.data.get_worker_info()
+        workers = max(1, self.spec.num_workers)
+        physical = info.id if info else 0
+        if (info.num_workers if info else 0) != self.spec.num_workers:
+            raise RuntimeError("PackedBlocks must be iterated with its spec's num_workers")
+        worker = (physical + self.worker_offset) % workers
+        batch, pos = [], None
+        for block, pos in self.blocks(worker, self.resume_states[worker]):
+            batch.append(block)
+            if len(batch) == self.batch_size:
+                yield self._collate(batch, {"worker": worker, **pos})
+                batch = []
+        if batch:  # finite streams end with a short batch
+            yield self._collate(batch, {"worker": worker, **pos})
+
+    @staticmethod
+    def _collate(blocks, state):
+        ids = torch.from_numpy(np.stack(blocks)).long()
+        return {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids.clone(),
+                "_state": state}
+
+
+class BlockLoader:
+    """The training data of one rank: iterate micro-batches; `state_dict()` resumes exactly.
+
+    The DataLoader hands out batches round-robin over its workers, so after `batches` batches
+    the next one comes from worker `batches % num_workers`; on resume the workers are rotated so
+    the new DataLoader's first worker plays that one, each starting from its own saved position.
+    """
+
+    def __init__(self, blocks: PackedBlocks, pin_memory: bool = False, prefetch_factor: int = 4):
+        self.blocks, self.pin_memory, self.prefetch_factor = blocks, pin_memory, prefetch_factor
+        self.worker_states: list[Optional[dict]] = [None] * max(1, blocks.spec.num_workers)
+        self.batches = 0
+
+    def _meta(self) -> dict:
+        s = self.blocks.spec
+        return {"rank": s.rank, "world_size": s.world_size, "num_workers": s.num_workers,
+                "block_size": self.blocks.block_size, "batch_size": self.blocks.batch_size,
+                "seed": s.seed, "shuffle": s.shuffle, "window": s.window}
+
+    def state_dict(self) -> dict:
+        return {**self._meta(), "batches": self.batches,
+                "workers": copy.deepcopy(self.worker_states)}
+
+    def load_state_dict(self, state: dict) -> None:
+        for key, value in self._meta().items():
+            if state.get(key) != value:
+                raise UsageError(f"the checkpoint's data state has {key}={state.get(key)} but "
+                                 f"this run has {key}={value} (resume with the same {key})")
+        self.batches = state["batches"]
+        self.worker_states = copy.deepcopy(state["workers"])
+
+    def __iter__(self):
+        workers = self.blocks.spec.num_workers
+        self.blocks.resume_states = copy.deepcopy(self.worker_states)
+        self.blocks.worker_offset = self.batches % max(1, workers)
+        loader = torch.utils.data.DataLoader(
+            self.blocks, batch_size=None, num_workers=workers, pin_memory=self.pin_memory,
+            prefetch_factor=self.prefetch_factor if workers else None)
+        for batch in loader:
+            state = batch.pop("_state")
+            self.worker_states[state["worker"]] = state
+            self.batches += 1
+            yield batch
+
+
+# ----------------------------------------------------------------------------- entry points
+
+def train_loader(cfg: DataConfig, tokenizer, batch_size: int, seed: int, rank: int = 0,
+                 world_size: int = 1, source=None) -> BlockLoader:
+    """This rank's training stream (held-out documents excluded when they are carved out)."""
+    source = open_source(cfg, "train") if source is None else source
+    carve = heldout_source(cfg) == "carve"
+    spec = StreamSpec(rank=rank, world_size=world_size, num_workers=cfg.dataloader_num_workers,
+                      seed=seed, shuffle=cfg.shuffle, window=cfg.shuffle_window,
+                      select="train" if carve else "all",
+                      heldout_percentage=cfg.validation_split_percentage)
+    blocks = PackedBlocks(source, tokenizer, cfg.block_size, batch_size, spec, cfg.text_column)
+    return BlockLoader(blocks, pin_memory=torch.cuda.is_available())
+
+
+def validation_blocks(cfg: DataConfig, tokenizer, source=None) -> Optional[torch.Tensor]:
+    """The whole held-out set as a [num_blocks, block_size] tensor, identical on every rank.
+
+    Read in stream order (no shuffle) so it never changes between runs; None when there is none.
+    """
+    kind = heldout_source(cfg)
+    if kind is None:
+        return None
+    if kind == "carve":
+        source = open_source(cfg, "train") if source is None else source
+    else:
+        source = open_source(cfg, "validation")
+    limit = None if kind == "files" else cfg.validation_split_tokens // cfg.block_size
+    spec = StreamSpec(shuffle=False, infinite=False, window=cfg.shuffle_window,
+                      select="heldout" if kind == "carve" else "all",
+                      heldout_percentage=cfg.validation_split_percentage)
+    blocks = PackedBlocks(source, tokenizer, cfg.block_size, 1, spec, cfg.text_column)
+    out = []
+    for block, _ in blocks.blocks(0):
+        if limit is not None and len(out) >= limit:
+            break
+        out.append(block)
+    if not out:
+        raise UsageError(f"the held-out set ({kind}) has fewer than --block_size "
+                         f"{cfg.block_size} tokens (raise --validation_split_tokens or "
+                         "--validation_split_percentage, or pass --validation_files)")
+    return torch.from_numpy(np.stack(out)).long()

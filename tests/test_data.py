@@ -1,0 +1,217 @@
+"""Data pipeline: packing, sharding, held-out split, exact resume, errors."""
+
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from clm.config import DataConfig, UsageError
+from clm.data import (PackedBlocks, StreamSpec, heldout_source, open_source, pack, train_loader,
+                      validation_blocks)
+
+ROOT = __import__("pathlib").Path(__file__).resolve().parents[1]
+
+
+def doc_index(tokenizer, tokens) -> int:
+    text = tokenizer.decode(tokens[:-1])
+    assert text.startswith("doc"), text
+    return int(text.split()[0][3:])
+
+
+def epoch_docs(source, tokenizer, **spec) -> list[int]:
+    """Document indices one (rank, worker) stream reads in one epoch, in order."""
+    worker = spec.pop("worker", 0)
+    blocks = PackedBlocks(source, tokenizer, 16, 1, StreamSpec(infinite=False, **spec))
+    return [doc_index(tokenizer, t) for _, t in blocks.documents(worker)]
+
+
+# ---------------------------------------------------------------- packing
+
+def test_pack_loses_and_duplicates_nothing():
+    rng = np.random.default_rng(0)
+    eos = 0
+    docs = [np.append(rng.integers(1, 50, size=n), eos).astype(np.int32)
+            for n in rng.integers(0, 40, size=50)]
+    out = list(pack(((({"doc": i}), d) for i, d in enumerate(docs)), block_size=16))
+    stream = np.concatenate(docs)
+    blocks = [b for b, _ in out]
+    assert all(len(b) == 16 for b in blocks)
+    assert len(blocks) == len(stream) // 16
+    np.testing.assert_array_equal(np.concatenate(blocks), stream[:len(blocks) * 16])
+    assert (np.concatenate(blocks) == eos).sum() == (stream[:len(blocks) * 16] == eos).sum()
+    # each position names the next token: re-packing from it gives the remaining blocks
+    k = 7
+    pos = out[k - 1][1]
+    rest = pack(((({"doc": i}), d) for i, d in enumerate(docs) if i >= pos["doc"]), 16,
+                skip=pos["offset"])
+    np.testing.assert_array_equal(np.concatenate([b for b, _ in rest]),
+                                  np.concatenate(blocks[k:]))
+
+
+def test_blocks_hold_documents_joined_by_eos(corpus_dir, tokenizer):
+    cfg = DataConfig(dataset_name=str(corpus_dir), block_size=64, shuffle=False,
+                     dataloader_num_workers=0, validation_split_percentage=0)
+    batch = next(iter(train_loader(cfg, tokenizer, batch_size=4, seed=0)))
+    ids = batch["input_ids"]
+    assert ids.shape == (4, 64) and (batch["labels"] == ids).all()
+    assert batch["attention_mask"].all()
+    text = tokenizer.decode(ids.flatten().tolist())
+    assert text.startswith("doc0 ") and "<|endoftext|>doc1 " in text
+
+
+# ---------------------------------------------------------------- sharding
+
+@pytest.mark.parametrize("kind", ["parquet_row_groups", "single_jsonl"])
+def test_ranks_and_workers_are_disjoint_and_complete(corpus_dir, jsonl_file, tokenizer, kind):
+    if kind == "parquet_row_groups":
+        cfg = DataConfig(dataset_name=str(corpus_dir))
+    else:  # one file: one shard, so datasets splits by document instead
+        cfg = DataConfig(train_files=[str(jsonl_file)])
+    source = open_source(cfg)
+    seen = []
+    for rank in range(2):
+        for worker in range(2):
+            seen.append(epoch_docs(source, tokenizer, rank=rank, world_size=2, num_workers=2,
+                                   worker=worker, seed=1))
+    flat = [d for part in seen for d in part]
+    assert all(seen), "every rank and worker gets data"
+    assert len(flat) == len(set(flat)), "no document is read twice"
+    assert set(flat) == set(range(240)), "together the streams cover the data"
+
+
+def test_shuffle_changes_order_per_epoch_and_seed(corpus_dir, tokenizer):
+    source = open_source(DataConfig(dataset_name=str(corpus_dir)))
+    plain = epoch_docs(source, tokenizer, shuffle=False)
+    assert plain == list(range(240))
+    a = epoch_docs(source, tokenizer, seed=1, window=50)
+    assert a == epoch_docs(source, tokenizer, seed=1, window=50) and sorted(a) == plain
+    assert a != plain and a != epoch_docs(source, tokenizer, seed=2, window=50)
+
+
+def test_two_process_torchrun_sharding(tmp_path, corpus_dir, tokenizer_dir):
+    out = tmp_path / "result.json"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+           str(ROOT / "tests" / "dist_data_check.py"), str(corpus_dir), str(tokenizer_dir), str(out)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=ROOT)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    result = json.loads(out.read_text())
+    assert result["world_size"] == 2 and result["dist_world_size"] == 2
+    a, b = result["docs"]
+    assert a and b and not set(a) & set(b)
+    assert sorted(a + b) == list(range(240))
+    assert result["epoch_tokens"][0] != result["epoch_tokens"][1], "the ranks' data is uneven"
+    assert min(result["epochs"]) >= 1, "both ranks ran past their data into a new epoch"
+    assert result["steps_done"] == [result["steps"], result["steps"]]
+
+
+# ---------------------------------------------------------------- held-out set
+
+def test_heldout_and_training_share_no_document(corpus_dir, tokenizer):
+    cfg = DataConfig(dataset_name=str(corpus_dir), validation_split_percentage=20, block_size=16)
+    assert heldout_source(cfg) == "carve"
+    source = open_source(cfg)
+    train = epoch_docs(source, tokenizer, select="train", heldout_percentage=20)
+    held = epoch_docs(source, tokenizer, select="heldout", heldout_percentage=20)
+    assert not set(train) & set(held)
+    assert set(train) | set(held) == set(range(240))
+    assert 20 < len(held) < 80  # about 20% of 240
+    val = validation_blocks(cfg, tokenizer)
+    assert val.shape[1] == 16 and len(val) > 10
+    assert (val == validation_blocks(cfg, tokenizer)).all(), "held-out set is deterministic"
+    text = tokenizer.decode(val.flatten().tolist())
+    held_names = {f"doc{i} " for i in held}
+    names = {p.split()[0] + " " for p in text.split("<|endoftext|>")[1:-1] if p}
+    assert names and names <= held_names
+
+
+def test_validation_files_are_used_in_full(corpus_dir, jsonl_file, tokenizer):
+    cfg = DataConfig(dataset_name=str(corpus_dir), validation_files=[str(jsonl_file)],
+                     block_size=32, validation_split_tokens=64)
+    assert heldout_source(cfg) == "files"
+    val = validation_blocks(cfg, tokenizer)
+    total = sum(len(tokenizer(d)["input_ids"]) + 1 for d in
+                [json.loads(line)["text"] for line in jsonl_file.read_text().splitlines()])
+    assert len(val) == total // 32
+
+
+# ---------------------------------------------------------------- exact resume
+
+def take(loader, n):
+    out = []
+    for batch in loader:
+        out.append(batch["input_ids"])
+        if len(out) == n:
+            break
+    return out
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_state_round_trip_continues_exactly(corpus_dir, tokenizer, workers):
+    cfg = DataConfig(dataset_name=str(corpus_dir), block_size=64, shuffle_window=16,
+                     dataloader_num_workers=workers, validation_split_percentage=10)
+
+    def loader():
+        return train_loader(cfg, tokenizer, batch_size=4, seed=3)
+
+    total = 150  # more than one epoch of this corpus: the resume also crosses epochs
+    reference = take(loader(), total)
+    for k in (1, 37, 125):
+        first = loader()
+        head = take(first, k)
+        state = json.loads(json.dumps(first.state_dict()))  # it must survive a JSON file
+        resumed = loader()
+        resumed.load_state_dict(state)
+        tail = take(resumed, total - k)
+        for got, want in zip(head + tail, reference):
+            assert (got == want).all()
+    epochs = {w["epoch"] for w in first.state_dict()["workers"] if w}
+    assert max(epochs) >= 1, "the test must cross an epoch boundary"
+
+
+def test_state_refuses_other_world_size(corpus_dir, tokenizer):
+    cfg = DataConfig(dataset_name=str(corpus_dir), block_size=64, dataloader_num_workers=0)
+    loader = train_loader(cfg, tokenizer, batch_size=2, seed=0)
+    take(loader, 2)
+    other = train_loader(cfg, tokenizer, batch_size=2, seed=0, rank=0, world_size=2)
+    with pytest.raises(UsageError, match="world_size"):
+        other.load_state_dict(loader.state_dict())
+
+
+# ---------------------------------------------------------------- errors
+
+def test_missing_column_lists_columns(corpus_dir):
+    with pytest.raises(UsageError, match=r"--text_column 'body' not found.*\['id', 'text'\]"):
+        open_source(DataConfig(dataset_name=str(corpus_dir), text_column="body"))
+
+
+def test_empty_data(tmp_path):
+    (tmp_path / "empty.jsonl").write_text("")
+    with pytest.raises(UsageError, match="holds no documents"):
+        open_source(DataConfig(train_files=[str(tmp_path / "empty.jsonl")]))
+
+
+def test_missing_file_and_bad_type(tmp_path):
+    with pytest.raises(UsageError, match="matches no file"):
+        open_source(DataConfig(train_files=[str(tmp_path / "nope" / "*.txt")]))
+    (tmp_path / "a.csv").write_text("text\nhello\n")
+    with pytest.raises(UsageError, match="unsupported file type '.csv'"):
+        open_source(DataConfig(train_files=[str(tmp_path / "a.csv")]))
+
+
+def test_cli_error_is_one_line_exit_2(tmp_path):
+    proc = subprocess.run([sys.executable, "-m", "clm.tokenizer", "--train_files",
+                           str(tmp_path / "missing.txt"), "--output_dir", str(tmp_path / "tok")],
+                          capture_output=True, text=True, cwd=ROOT)
+    assert proc.returncode == 2
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: --train_files") and "(" in lines[0]
+    assert not (tmp_path / "tok").exists()
+
+
+def test_bad_option_values():
+    with pytest.raises(UsageError, match="--block_size"):
+        DataConfig(block_size=1)
+    with pytest.raises(UsageError, match="--validation_split_percentage"):
+        DataConfig(validation_split_percentage=100)
