@@ -3,6 +3,7 @@
 import json
 import os
 import random
+import tempfile
 
 import pytest
 
@@ -10,6 +11,8 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("WANDB_MODE", "offline")
+# Keep the datasets cache (used by --streaming false) out of the user's home.
+os.environ.setdefault("HF_DATASETS_CACHE", tempfile.mkdtemp(prefix="clm-tests-hf-"))
 
 SYLLABLES = ["ka", "lo", "mi", "ten", "ra", "sol", "ve", "nu", "dor", "pa", "is", "the", "an", "e"]
 

@@ -215,3 +215,52 @@ def test_bad_option_values():
         DataConfig(block_size=1)
     with pytest.raises(UsageError, match="--validation_split_percentage"):
         DataConfig(validation_split_percentage=100)
+
+
+def test_resume_reads_one_window_not_the_consumed_data(corpus_dir, tokenizer, monkeypatch):
+    from datasets.packaged_modules.parquet.parquet import Parquet
+
+    cfg = DataConfig(dataset_name=str(corpus_dir), block_size=64, shuffle_window=16,
+                     dataloader_num_workers=0, validation_split_percentage=0)
+    source = open_source(cfg)
+    rows = []
+    original = Parquet._generate_tables
+
+    def counting(self, *args, **kwargs):
+        for key, table in original(self, *args, **kwargs):
+            rows.append(len(table))
+            yield key, table
+
+    monkeypatch.setattr(Parquet, "_generate_tables", counting)
+    read = {}
+    for consumed_batches in (20, 60):
+        first = train_loader(cfg, tokenizer, batch_size=4, seed=0, source=source)
+        take(first, consumed_batches)
+        state = first.state_dict()
+        assert state["workers"][0]["epoch"] == 0
+        rows.clear()
+        resumed = train_loader(cfg, tokenizer, batch_size=4, seed=0, source=source)
+        resumed.load_state_dict(state)
+        take(resumed, 1)
+        read[state["workers"][0]["window"] * 16] = sum(rows)
+    (early, early_rows), (late, late_rows) = sorted(read.items())
+    # seeks by row group (20 rows here): the cost stays the same however much was consumed
+    assert late >= 160 and early_rows == late_rows <= 5 * 20 < late, read
+
+
+def test_streaming_off_and_text_files_read_the_same_documents(corpus_dir, tmp_path, tokenizer,
+                                                              corpus_docs):
+    on = epoch_docs(open_source(DataConfig(dataset_name=str(corpus_dir))), tokenizer,
+                    shuffle=False)
+    off = epoch_docs(open_source(DataConfig(dataset_name=str(corpus_dir), streaming=False)),
+                     tokenizer, shuffle=False)
+    assert on == off == list(range(240))
+    for i in range(3):  # .txt: one document per file, newlines kept
+        (tmp_path / f"{i}.txt").write_text(corpus_docs[i] + "\nsecond line")
+    source = open_source(DataConfig(train_files=[str(tmp_path / "*.txt")]))
+    assert sorted(epoch_docs(source, tokenizer, shuffle=False)) == [0, 1, 2]
+
+
+def test_hub_dataset_offline_is_a_clear_error():
+    with pytest.raises(UsageError, match=r"could not load --dataset_name Skylion007/openwebtext"):
+        open_source(DataConfig())
