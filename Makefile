@@ -1,4 +1,4 @@
-# `make demo`: set up .venv, build the demo corpus and tokenizer, run the demo.
+# `make demo`: set up .venv, build the demo corpus and tokenizer, train the CPU demo model.
 # `make test`: set up .venv and run the test suite (what CI runs).
 PYTHON ?= python3
 VENV   := .venv
@@ -27,10 +27,11 @@ corpus: data/demo_corpus/.done
 tokenizer: data/demo_tokenizer/tokenizer.json
 
 demo: setup tokenizer
-	$(PY) bench/data_throughput.py --dataset_name data/demo_corpus --tokenizer_name data/demo_tokenizer
+	$(PY) train_clm.py --config configs/demo_cpu.yaml --overwrite_output_dir
 
 bench: setup tokenizer
 	$(PY) bench/data_throughput.py
+	$(PY) bench/baseline_loop.py --config configs/demo_cpu.yaml --max_steps 100
 
 test: setup
 	$(PY) -m pytest -q

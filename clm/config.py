@@ -79,6 +79,97 @@ class DataConfig:
             raise UsageError("--dataloader_num_workers must be >= 0")
 
 
+PRESETS = ("tiny", "gpt2", "gpt2-medium", "gpt2-large", "gpt2-xl")
+
+
+@dataclass
+class ModelConfig:
+    """Which model to build or load."""
+
+    model_preset: str = _help(f"Architecture to train from scratch: one of {', '.join(PRESETS)}.",
+                              default="gpt2")
+    config_name: Optional[str] = _help(
+        "Folder (or Hub name) with a config.json to train from scratch instead of a preset.",
+        default=None)
+    model_name_or_path: Optional[str] = _help(
+        "Start from these pretrained weights (continued pretraining) instead of from scratch.",
+        default=None)
+    attn_implementation: str = _help("sdpa (default), eager or flash_attention_2.",
+                                     default="sdpa")
+
+    def __post_init__(self):
+        if self.model_preset not in PRESETS:
+            raise UsageError(f"unknown --model_preset '{self.model_preset}' "
+                             f"(choose one of {', '.join(PRESETS)})")
+        if self.attn_implementation not in ("sdpa", "eager", "flash_attention_2"):
+            raise UsageError(f"unknown --attn_implementation '{self.attn_implementation}' "
+                             "(choose sdpa, eager or flash_attention_2)")
+
+
+@dataclass
+class TrainingConfig:
+    """The optimisation loop, its logging and its outputs. Names follow TrainingArguments."""
+
+    output_dir: Optional[str] = _help("Where the model, metrics and checkpoints go (required).",
+                                      default=None)
+    overwrite_output_dir: bool = _help("Allow writing into the folder of another finished run.",
+                                       default=False)
+    per_device_train_batch_size: int = _help("Sequences per micro-batch per device.", default=8)
+    per_device_eval_batch_size: int = _help("Sequences per evaluation batch per device.",
+                                            default=8)
+    gradient_accumulation_steps: int = _help("Micro-batches per optimizer step.", default=1)
+    learning_rate: float = _help("Peak learning rate (after warmup).", default=6e-4)
+    min_lr: float = _help("Learning rate at the end of the cosine decay.", default=6e-5)
+    warmup_steps: int = _help("Optimizer steps of linear warmup from 0.", default=100)
+    weight_decay: float = _help("AdamW weight decay, on matrices only.", default=0.1)
+    adam_beta1: float = _help("AdamW beta1.", default=0.9)
+    adam_beta2: float = _help("AdamW beta2.", default=0.95)
+    adam_epsilon: float = _help("AdamW epsilon.", default=1e-8)
+    max_grad_norm: float = _help("Clip the global gradient norm to this (0: no clipping).",
+                                 default=1.0)
+    max_steps: int = _help("Optimizer steps to train for.", default=1000)
+    logging_steps: int = _help("Log training metrics every N optimizer steps.", default=10)
+    eval_steps: int = _help("Evaluate on the whole held-out set every N steps (and at the end; "
+                            "0: only at the end).", default=200)
+    seed: int = _help("Seed for initialisation, data order and sampling.", default=1337)
+    mixed_precision: str = _help("no, bf16 (autocast, fp32 master weights) or fp16.",
+                                 default="no")
+    torch_compile: bool = _help("Compile the model with torch.compile.", default=False)
+    max_bad_steps: int = _help("Stop after this many optimizer steps in a row with a NaN/inf "
+                               "loss or gradient (each one is skipped).", default=5)
+    report_to: str = _help("none, wandb, tensorboard or all (through Accelerate's trackers).",
+                           default="none")
+    run_name: Optional[str] = _help("Tracker run name (default: the output folder's name).",
+                                    default=None)
+    num_samples: int = _help("Texts sampled from the final model into samples.txt.", default=3)
+    sample_max_new_tokens: int = _help("Tokens per sample.", default=64)
+    sample_prompt: str = _help("Prompt the samples start from.", default="The")
+
+    def __post_init__(self):
+        if not self.output_dir:
+            raise UsageError("--output_dir is required (pass --output_dir DIR)")
+        positive = ("per_device_train_batch_size", "per_device_eval_batch_size",
+                    "gradient_accumulation_steps", "max_steps", "logging_steps")
+        for name in positive:
+            if getattr(self, name) < 1:
+                raise UsageError(f"--{name} must be >= 1 (got {getattr(self, name)})")
+        for name in ("warmup_steps", "eval_steps", "max_grad_norm",
+                     "weight_decay", "num_samples"):
+            if getattr(self, name) < 0:
+                raise UsageError(f"--{name} must be >= 0 (got {getattr(self, name)})")
+        if not 0 <= self.min_lr <= self.learning_rate:
+            raise UsageError(f"--min_lr {self.min_lr} must be between 0 and --learning_rate "
+                             f"{self.learning_rate}")
+        if self.mixed_precision not in ("no", "bf16", "fp16"):
+            raise UsageError(f"unknown --mixed_precision '{self.mixed_precision}' "
+                             "(choose no, bf16 or fp16)")
+        if self.report_to not in ("none", "wandb", "tensorboard", "all"):
+            raise UsageError(f"unknown --report_to '{self.report_to}' "
+                             "(choose none, wandb, tensorboard or all)")
+        if self.max_bad_steps < 1:
+            raise UsageError("--max_bad_steps must be >= 1")
+
+
 def _one_line_error(message: str) -> None:
     print(f"error: {message}", file=sys.stderr)
     raise SystemExit(2)

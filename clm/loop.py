@@ -1,0 +1,179 @@
+"""The one training loop, shared by pretraining (train_clm.py) and finetuning (run_sft.py).
+
+    python train_clm.py --config configs/demo_cpu.yaml
+
+A batch is `input_ids`, `attention_mask`, `labels` (-100 where there is no loss). Each optimizer
+step draws `gradient_accumulation_steps` micro-batches, counts their label tokens on every rank,
+and scales each micro-batch's summed NLL by world_size / (global label tokens): after DDP's
+average over ranks the gradient is exactly that of the mean loss over every label token of the
+step, however the step is split into micro-batches and ranks. The learning rate is a function of
+the optimizer step (warmup then cosine to min_lr), set on the optimizer directly, so no
+scheduler object steps once per process behind our back.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from contextlib import nullcontext
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from .config import TrainingConfig
+
+
+@dataclass
+class LoopState:
+    """The loop's counters; with the model, optimizer and data state they define a run."""
+
+    step: int = 0          # optimizer steps taken
+    tokens: int = 0        # input tokens consumed, all ranks
+    bad_steps: int = 0     # consecutive skipped (non-finite) steps
+    skipped: int = 0       # skipped steps in total
+    elapsed_s: float = 0.0
+
+
+def lr_at(step: int, cfg: TrainingConfig) -> float:
+    """Learning rate of optimizer step `step` (0-based): linear warmup, then cosine to min_lr."""
+    if step < cfg.warmup_steps:
+        return cfg.learning_rate * (step + 1) / cfg.warmup_steps
+    decay_steps = max(1, cfg.max_steps - cfg.warmup_steps)
+    progress = min(1.0, (step - cfg.warmup_steps) / decay_steps)
+    return cfg.min_lr + 0.5 * (1 + math.cos(math.pi * progress)) * (cfg.learning_rate - cfg.min_lr)
+
+
+def make_optimizer(model, cfg: TrainingConfig) -> torch.optim.AdamW:
+    """AdamW with weight decay on matrices only (not biases, LayerNorms); fused on CUDA."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    decay = [p for p in params if p.dim() >= 2]
+    no_decay = [p for p in params if p.dim() < 2]
+    fused = all(p.is_cuda for p in params)
+    return torch.optim.AdamW(
+        [{"params": decay, "weight_decay": cfg.weight_decay},
+         {"params": no_decay, "weight_decay": 0.0}],
+        lr=cfg.learning_rate, betas=(cfg.adam_beta1, cfg.adam_beta2), eps=cfg.adam_epsilon,
+        fused=fused)
+
+
+def _all_reduce_sum(accelerator, tensor: torch.Tensor) -> torch.Tensor:
+    if accelerator.num_processes > 1 or _dist_world() > 1:
+        torch.distributed.all_reduce(tensor)
+    return tensor
+
+
+def _dist_world() -> int:
+    d = torch.distributed
+    return d.get_world_size() if d.is_available() and d.is_initialized() else 1
+
+
+def token_nll(model, batch) -> torch.Tensor:
+    """Summed next-token NLL of a batch over its label tokens (labels are shifted here)."""
+    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                   use_cache=False).logits
+    return F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), batch["labels"][:, 1:].flatten(),
+                           ignore_index=-100, reduction="sum")
+
+
+def forward_backward(model, micro_batches, accelerator) -> tuple[float, int, int]:
+    """One optimizer step's gradients; returns (mean loss over all label tokens, label tokens,
+    input tokens), each over all ranks."""
+    device = accelerator.device
+    micro_batches = [{k: v.to(device, non_blocking=True) for k, v in b.items()}
+                     for b in micro_batches]
+    counts = torch.tensor([sum(int((b["labels"][:, 1:] != -100).sum()) for b in micro_batches),
+                           sum(int(b["attention_mask"].sum()) for b in micro_batches)],
+                          dtype=torch.float64, device=device)
+    labels, tokens = _all_reduce_sum(accelerator, counts).tolist()
+    world = _dist_world()
+    total = torch.zeros((), dtype=torch.float64, device=device)
+    for i, batch in enumerate(micro_batches):
+        last = i == len(micro_batches) - 1
+        # Only the last micro-batch all-reduces gradients across ranks.
+        with nullcontext() if last else accelerator.no_sync(model):
+            nll = token_nll(model, batch)
+            accelerator.backward(nll * (world / max(labels, 1)))
+        total += nll.detach().double()
+    loss = _all_reduce_sum(accelerator, total).item() / max(labels, 1)
+    return loss, int(labels), int(tokens)
+
+
+@torch.no_grad()
+def evaluate(model, blocks: torch.Tensor | None, batch_size: int, accelerator) -> float | None:
+    """Token-weighted mean NLL over this rank's share of the held-out blocks, summed over ranks."""
+    if blocks is None:
+        return None
+    rank, world = (torch.distributed.get_rank(), _dist_world()) if _dist_world() > 1 else (0, 1)
+    mine = blocks[rank::world]
+    sums = torch.zeros(2, dtype=torch.float64, device=accelerator.device)
+    model.eval()
+    for chunk in mine.split(batch_size):
+        chunk = chunk.to(accelerator.device)
+        batch = {"input_ids": chunk, "attention_mask": torch.ones_like(chunk), "labels": chunk}
+        with accelerator.autocast():
+            sums[0] += token_nll(model, batch).double()
+        sums[1] += chunk[:, 1:].numel()
+    model.train()
+    total, count = _all_reduce_sum(accelerator, sums).tolist()
+    return total / count
+
+
+def train(cfg: TrainingConfig, accelerator, model, optimizer, batches, state: LoopState, logger,
+          evaluate_fn, flops_per_token: float | None = None, peak_flops: float | None = None):
+    """Run optimizer steps until `cfg.max_steps`; `batches` yields micro-batches forever."""
+    model.train()
+    data = iter(batches)
+    window_tokens, window_start = 0, time.perf_counter()
+    run_start = time.perf_counter() - state.elapsed_s
+    while state.step < cfg.max_steps:
+        lr = lr_at(state.step, cfg)
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        micro = [next(data) for _ in range(cfg.gradient_accumulation_steps)]
+        loss, _, tokens = forward_backward(model, micro, accelerator)
+        grad_norm = _clip(accelerator, model, cfg.max_grad_norm)
+        # Under fp16 the grad scaler skips overflowing steps itself; those are not bad steps.
+        finite = math.isfinite(loss) and (math.isfinite(grad_norm) or cfg.mixed_precision == "fp16")
+        if finite:
+            optimizer.step()
+            state.bad_steps = 0
+        else:  # skip the update: one bad batch must not poison the weights
+            state.bad_steps += 1
+            state.skipped += 1
+        optimizer.zero_grad(set_to_none=True)
+        state.step += 1
+        state.tokens += tokens
+        window_tokens += tokens
+        state.elapsed_s = time.perf_counter() - run_start
+        logger.advance()
+        if not finite or state.step % cfg.logging_steps == 0 or state.step == cfg.max_steps:
+            now = time.perf_counter()
+            tps = window_tokens / max(now - window_start, 1e-9)
+            record = {"step": state.step, "tokens": state.tokens,
+                      "loss": loss if finite else None, "lr": lr,
+                      "grad_norm": grad_norm if math.isfinite(grad_norm) else None,
+                      "tokens_per_sec": round(tps, 1), "elapsed_s": round(state.elapsed_s, 3)}
+            if flops_per_token and peak_flops:
+                record["mfu"] = round(flops_per_token * tps / (peak_flops * _dist_world()), 4)
+            if not finite:
+                record["skipped"] = True
+            logger.log_train(record)
+            window_tokens, window_start = 0, now
+        if state.bad_steps >= cfg.max_bad_steps:
+            raise FloatingPointError(
+                f"{state.bad_steps} optimizer steps in a row had a non-finite loss or gradient "
+                f"(last at step {state.step}); lower --learning_rate or check the data")
+        if (cfg.eval_steps and state.step % cfg.eval_steps == 0) or state.step == cfg.max_steps:
+            eval_loss = evaluate_fn()
+            if eval_loss is not None:
+                logger.log_eval(state.step, state.tokens, eval_loss)
+    return state
+
+
+def _clip(accelerator, model, max_norm: float) -> float:
+    if max_norm > 0:
+        return float(accelerator.clip_grad_norm_(model.parameters(), max_norm))
+    norms = [p.grad.detach().float().norm() for p in model.parameters() if p.grad is not None]
+    return float(torch.stack(norms).norm()) if norms else 0.0
+

@@ -1,0 +1,86 @@
+"""What a run reports: metrics.jsonl, Accelerate trackers, loss_curve.png and the progress bar.
+
+    python -c "from clm.metrics import plot_loss_curve; plot_loss_curve('outputs/demo')"
+
+Only the main process writes; every other rank's logger is silent. `metrics.jsonl` holds one JSON
+object a line: training records {step, tokens, loss, lr, grad_norm, tokens_per_sec, elapsed_s,
+mfu} and evaluation records {step, tokens, eval_loss, eval_ppl}.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+from tqdm.auto import tqdm
+
+
+def plot_loss_curve(output_dir: str | Path) -> Path:
+    """Draw train and eval loss against tokens from metrics.jsonl into loss_curve.png."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    output_dir = Path(output_dir)
+    records = [json.loads(line) for line in (output_dir / "metrics.jsonl").read_text().splitlines()
+               if line.strip()]
+    train = [(r["tokens"], r["loss"]) for r in records if r.get("loss") is not None]
+    evals = [(r["tokens"], r["eval_loss"]) for r in records if "eval_loss" in r]
+    fig, ax = plt.subplots(figsize=(7, 4.2))
+    if train:
+        ax.plot(*zip(*train), label="train loss", lw=1, alpha=0.8)
+    if evals:
+        ax.plot(*zip(*evals), "o-", label="eval loss", lw=2)
+    ax.set_xlabel("tokens")
+    ax.set_ylabel("loss (nats/token)")
+    ax.set_title(output_dir.name)
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    path = output_dir / "loss_curve.png"
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+class MetricsLogger:
+    """Writes records to metrics.jsonl and the trackers, and drives the progress bar."""
+
+    def __init__(self, output_dir: str | Path, accelerator, max_steps: int, start_step: int = 0):
+        self.accelerator = accelerator
+        self.main = accelerator.is_main_process
+        self.path = Path(output_dir) / "metrics.jsonl"
+        self.bar = tqdm(total=max_steps, initial=start_step, disable=not self.main,
+                        dynamic_ncols=True, desc="train")
+
+    def _write(self, record: dict) -> None:
+        if not self.main:
+            return
+        with self.path.open("a") as f:
+            f.write(json.dumps(record) + "\n")
+
+    def log_train(self, record: dict) -> None:
+        self._write(record)
+        self.accelerator.log({f"train/{k}": v for k, v in record.items()
+                              if k != "step" and isinstance(v, (int, float))}, step=record["step"])
+        loss = record.get("loss")
+        self.bar.set_postfix(loss=f"{loss:.3f}" if loss is not None else "skipped",
+                             tok_s=f"{record.get('tokens_per_sec', 0):,.0f}")
+
+    def log_eval(self, step: int, tokens: int, loss: float) -> dict:
+        record = {"step": step, "tokens": tokens, "eval_loss": loss,
+                  "eval_ppl": math.exp(min(loss, 700))}
+        self._write(record)
+        self.accelerator.log({"eval/loss": loss, "eval/ppl": record["eval_ppl"]}, step=step)
+        if self.main:
+            self.bar.write(f"step {step}: eval loss {loss:.4f}, ppl {record['eval_ppl']:.2f}")
+            plot_loss_curve(self.path.parent)
+        return record
+
+    def advance(self, n: int = 1) -> None:
+        self.bar.update(n)
+
+    def close(self) -> None:
+        self.bar.close()

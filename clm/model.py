@@ -1,0 +1,123 @@
+"""GPT-2 models: size presets, from-scratch or pretrained, vocab padding, FLOPs for MFU.
+
+    python -c "from clm.model import PRESET_SHAPES; print(PRESET_SHAPES)"
+
+From scratch the model is `GPT2LMHeadModel(GPT2Config(...))`, whose own initialisation is
+GPT-2's (normal 0.02, residual projections scaled by 1/sqrt(2 * n_layer)). The vocabulary is
+padded to a multiple of 64 for faster matmuls; the padded ids are never targets and are listed
+in `generation_config.suppress_tokens`, so generation never produces them.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .config import ModelConfig, UsageError
+
+# (n_layer, n_head, n_embd, n_positions); the GPT-2 sizes are the published ones.
+PRESET_SHAPES = {
+    "tiny": (4, 4, 128, 256),
+    "gpt2": (12, 12, 768, 1024),
+    "gpt2-medium": (24, 16, 1024, 1024),
+    "gpt2-large": (36, 20, 1280, 1024),
+    "gpt2-xl": (48, 25, 1600, 1024),
+}
+VOCAB_MULTIPLE = 64
+
+# Dense bf16 peak FLOP/s by GPU name, for MFU (vendor datasheets).
+PEAK_FLOPS = {"H200": 989e12, "H100": 989e12, "A100": 312e12, "A10G": 125e12, "L4": 121e12,
+              "L40S": 362e12, "RTX 4090": 165e12, "V100": 125e12, "B200": 2250e12}
+
+
+def padded_vocab(n: int) -> int:
+    return -(-n // VOCAB_MULTIPLE) * VOCAB_MULTIPLE
+
+
+def build_model(cfg: ModelConfig, tokenizer, block_size: int, dtype=None):
+    """The model to train, checked against the tokenizer and block size before any work."""
+    from transformers import AutoConfig, AutoModelForCausalLM, GPT2Config, GPT2LMHeadModel
+
+    kwargs = {"attn_implementation": cfg.attn_implementation}
+    if cfg.model_name_or_path:
+        try:
+            model = AutoModelForCausalLM.from_pretrained(cfg.model_name_or_path, dtype=dtype,
+                                                         **kwargs)
+        except Exception as e:
+            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            raise UsageError(f"could not load --model_name_or_path {cfg.model_name_or_path}: "
+                             f"{first} (pass a Hub name or a folder with a model)") from None
+    else:
+        if cfg.config_name:
+            try:
+                config = AutoConfig.from_pretrained(cfg.config_name)
+            except Exception as e:
+                raise UsageError(f"could not load --config_name {cfg.config_name}: "
+                                 f"{str(e).strip().splitlines()[0]} (pass a folder with a "
+                                 "config.json)") from None
+            config.vocab_size = padded_vocab(len(tokenizer))
+        else:
+            n_layer, n_head, n_embd, n_positions = PRESET_SHAPES[cfg.model_preset]
+            config = GPT2Config(n_layer=n_layer, n_head=n_head, n_embd=n_embd,
+                                n_positions=n_positions, vocab_size=padded_vocab(len(tokenizer)),
+                                # no dropout: single-epoch pretraining does not overfit, and
+                                # without it a step's maths is independent of how it is split
+                                resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0,
+                                bos_token_id=tokenizer.bos_token_id or tokenizer.eos_token_id,
+                                eos_token_id=tokenizer.eos_token_id)
+        config.use_cache = False
+        model = GPT2LMHeadModel(config) if config.model_type == "gpt2" else \
+            AutoModelForCausalLM.from_config(config, **kwargs)
+        model.set_attn_implementation(cfg.attn_implementation)
+    check_fits(model, tokenizer, block_size)
+    set_generation_defaults(model, tokenizer)
+    return model
+
+
+def check_fits(model, tokenizer, block_size: int) -> None:
+    positions = getattr(model.config, "n_positions", None) or model.config.max_position_embeddings
+    if block_size > positions:
+        raise UsageError(f"--block_size {block_size} is above the model's {positions} positions "
+                         f"(use --block_size {positions} or less)")
+    vocab = model.get_input_embeddings().weight.shape[0]
+    if len(tokenizer) > vocab:
+        raise UsageError(f"the tokenizer has {len(tokenizer)} tokens but the model only {vocab} "
+                         "embeddings (use the tokenizer the model was trained with)")
+
+
+def set_generation_defaults(model, tokenizer) -> None:
+    gen = model.generation_config
+    gen.eos_token_id = tokenizer.eos_token_id
+    gen.pad_token_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None \
+        else tokenizer.eos_token_id
+    gen.bos_token_id = tokenizer.bos_token_id
+    vocab = model.get_input_embeddings().weight.shape[0]
+    gen.suppress_tokens = list(range(len(tokenizer), vocab)) or None
+
+
+def num_params(model, non_embedding: bool = False) -> int:
+    n = sum(p.numel() for p in model.parameters())
+    if non_embedding:
+        n -= model.get_input_embeddings().weight.numel()
+        pos = getattr(getattr(model, "transformer", None), "wpe", None)
+        n -= pos.weight.numel() if pos is not None else 0
+    return n
+
+
+def flops_per_token(model, seq_len: int) -> float:
+    """Training FLOPs per token: 6N for the matmuls plus attention's 12 * L * d * T (PaLM, App. B)."""
+    c = model.config
+    n_layer = getattr(c, "n_layer", None) or c.num_hidden_layers
+    d = getattr(c, "n_embd", None) or c.hidden_size
+    return 6 * num_params(model, non_embedding=True) + 6 * d * c.vocab_size + \
+        12 * n_layer * d * seq_len
+
+
+def peak_flops(device: torch.device) -> float | None:
+    """The device's dense bf16 peak, or None where unknown (CPUs)."""
+    if device.type != "cuda":
+        return None
+    name = torch.cuda.get_device_name(device)
+    for key, value in PEAK_FLOPS.items():
+        if key in name:
+            return value
+    return None

@@ -1,0 +1,101 @@
+"""The output folder of a run: guard, run_config.yaml, final model, samples and model card.
+
+    ls outputs/demo   # config.json model.safetensors tokenizer.json README.md run_config.yaml ...
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import platform
+import shutil
+from pathlib import Path
+
+import torch
+import yaml
+
+from .checkpoint import save_model_folder
+from .config import UsageError
+from .hub import command_line, model_card
+
+RUN_FILES = ("metrics.jsonl", "loss_curve.png", "samples.txt", "run_config.yaml", "README.md")
+
+
+def check_output_dir(output_dir: str, overwrite: bool) -> None:
+    """Refuse to write into another run's non-empty folder unless told to."""
+    path = Path(output_dir)
+    if path.exists() and not path.is_dir():
+        raise UsageError(f"--output_dir {output_dir} is a file (choose a folder)")
+    if path.is_dir() and any(path.iterdir()) and not overwrite:
+        raise UsageError(f"--output_dir {output_dir} is not empty (pass --overwrite_output_dir "
+                         "to replace it, or choose another folder)")
+
+
+def clear_run_files(output_dir: str) -> None:
+    path = Path(output_dir)
+    for name in RUN_FILES:
+        (path / name).unlink(missing_ok=True)
+    shutil.rmtree(path / "checkpoints", ignore_errors=True)
+
+
+def library_versions() -> dict:
+    import accelerate
+    import datasets
+    import tokenizers
+    import transformers
+
+    return {"python": platform.python_version(), "torch": str(torch.__version__),
+            "transformers": transformers.__version__, "accelerate": accelerate.__version__,
+            "datasets": datasets.__version__, "tokenizers": tokenizers.__version__}
+
+
+def resolved_config(configs: dict, model, world_size: int, train_cfg, block_size: int) -> dict:
+    """Every option, plus what the run derives from them."""
+    c = model.config
+    seqs = train_cfg.per_device_train_batch_size * train_cfg.gradient_accumulation_steps * world_size
+    return {
+        **{name: dataclasses.asdict(cfg) for name, cfg in configs.items()},
+        "world_size": world_size,
+        "global_batch_sequences": seqs,
+        "tokens_per_step": seqs * block_size,
+        "model_info": {"n_layer": c.n_layer, "n_head": c.n_head, "n_embd": c.n_embd,
+                       "n_positions": c.n_positions, "vocab_size": c.vocab_size,
+                       "params": sum(p.numel() for p in model.parameters())},
+        "command": command_line(),
+        "versions": library_versions(),
+    }
+
+
+def write_yaml(path: Path, data: dict) -> None:
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(yaml.safe_dump(data, sort_keys=False))
+    tmp.replace(path)
+
+
+@torch.no_grad()
+def sample_texts(model, tokenizer, prompt: str, n: int, max_new_tokens: int, seed: int) -> list[str]:
+    if n == 0:
+        return []
+    was_training = model.training
+    model.eval()
+    ids = tokenizer(prompt, return_tensors="pt")["input_ids"] if prompt else \
+        torch.tensor([[tokenizer.bos_token_id or tokenizer.eos_token_id]])
+    ids = ids.to(next(model.parameters()).device)
+    torch.manual_seed(seed)
+    out = model.generate(ids.repeat(n, 1), attention_mask=torch.ones_like(ids).repeat(n, 1),
+                         do_sample=True, top_k=50, temperature=0.8,
+                         max_new_tokens=max_new_tokens, use_cache=True)
+    model.train(was_training)
+    return [tokenizer.decode(o, skip_special_tokens=True) for o in out]
+
+
+def finish_run(output_dir: str, model, tokenizer, run: dict, train_cfg) -> list[str]:
+    """Write the final model folder, samples.txt and the model card (main process only)."""
+    out = Path(output_dir)
+    save_model_folder(model, tokenizer, out)
+    samples = sample_texts(model, tokenizer, train_cfg.sample_prompt, train_cfg.num_samples,
+                           train_cfg.sample_max_new_tokens, train_cfg.seed)
+    (out / "samples.txt").write_text("".join(f"--- sample {i}\n{s}\n" for i, s in
+                                             enumerate(samples)))
+    write_yaml(out / "run_config.yaml", run)
+    (out / "README.md").write_text(model_card(run))
+    return samples

@@ -1,0 +1,296 @@
+"""train_clm.py end to end on a toy model: outputs, exact gradient accumulation, DDP, guards, errors."""
+
+import json
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+import train_clm
+from clm import loop
+from clm.config import DataConfig, ModelConfig, TrainingConfig, UsageError, parse_config, run_cli
+
+ROOT = Path(__file__).resolve().parents[1]
+TYPES = [DataConfig, ModelConfig, TrainingConfig]
+
+
+@pytest.fixture(autouse=True)
+def fresh_accelerate_state():
+    """Each in-process run builds its own Accelerator, as a fresh process would."""
+    from accelerate.state import AcceleratorState, GradientState
+
+    yield
+    AcceleratorState._reset_state(reset_partial_state=True)
+    GradientState._reset_state()
+
+
+@pytest.fixture(scope="session")
+def toy_config_dir(tmp_path_factory):
+    from transformers import GPT2Config
+
+    path = tmp_path_factory.mktemp("toy_config")
+    GPT2Config(n_layer=2, n_head=2, n_embd=64, n_positions=64, resid_pdrop=0.0, embd_pdrop=0.0,
+               attn_pdrop=0.0).save_pretrained(path)
+    return path
+
+
+def toy_args(corpus_dir, tokenizer_dir, toy_config_dir, out, **overrides):
+    args = {"dataset_name": corpus_dir, "tokenizer_name": tokenizer_dir,
+            "config_name": toy_config_dir, "output_dir": out, "block_size": 32,
+            "validation_split_percentage": 10, "dataloader_num_workers": 0,
+            "per_device_train_batch_size": 4, "per_device_eval_batch_size": 8,
+            "max_steps": 6, "eval_steps": 3, "logging_steps": 1, "warmup_steps": 2,
+            "learning_rate": 3e-3, "min_lr": 3e-4, "num_samples": 2,
+            "sample_max_new_tokens": 8, "seed": 0}
+    args.update(overrides)
+    return [x for k, v in args.items() for x in (f"--{k}", str(v))]
+
+
+def run(argv):
+    return run_cli(train_clm.main, TYPES, argv)
+
+
+def metrics(out):
+    return [json.loads(line) for line in (Path(out) / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_end_to_end_outputs_and_pipeline(tmp_path, corpus_dir, tokenizer_dir, toy_config_dir):
+    out = tmp_path / "run"
+    result = run(toy_args(corpus_dir, tokenizer_dir, toy_config_dir, out))
+    for name in ("config.json", "generation_config.json", "model.safetensors", "tokenizer.json",
+                 "README.md", "run_config.yaml", "metrics.jsonl", "loss_curve.png",
+                 "samples.txt"):
+        assert (out / name).is_file(), name
+    records = metrics(out)
+    train = [r for r in records if "loss" in r]
+    evals = [r for r in records if "eval_loss" in r]
+    assert [r["step"] for r in train] == [1, 2, 3, 4, 5, 6]
+    assert [r["step"] for r in evals] == [0, 3, 6]
+    assert train[-1]["tokens"] == 6 * 4 * 32
+    for r in train:
+        assert set(r) >= {"step", "tokens", "loss", "lr", "grad_norm", "tokens_per_sec",
+                          "elapsed_s"}
+    assert evals[-1]["eval_loss"] < evals[0]["eval_loss"]
+    assert math.isclose(evals[-1]["eval_ppl"], math.exp(evals[-1]["eval_loss"]))
+    cfg = yaml.safe_load((out / "run_config.yaml").read_text())
+    assert cfg["world_size"] == 1 and cfg["tokens_per_step"] == 128
+    assert cfg["training"]["max_steps"] == 6 and "transformers" in cfg["versions"]
+    assert result["final_eval_loss"] == evals[-1]["eval_loss"]
+    card = (out / "README.md").read_text()
+    assert "pipeline_tag: text-generation" in card and f"{evals[-1]['eval_loss']:.4f}" in card
+
+    from transformers import pipeline
+
+    gen = pipeline("text-generation", model=str(out), device="cpu")
+    text = gen("doc1", max_new_tokens=5, do_sample=False)[0]["generated_text"]
+    assert text.startswith("doc1") and len(text) > 4
+    gc = json.loads((out / "generation_config.json").read_text())
+    assert gc["eos_token_id"] == 0 and gc["suppress_tokens"] == list(range(400, 448))
+
+
+def test_gradient_accumulation_is_exact(tmp_path, corpus_dir, tokenizer_dir, toy_config_dir):
+    from safetensors.torch import load_file
+
+    runs = {}
+    for bs, ga in ((8, 1), (4, 2), (2, 4)):
+        out = tmp_path / f"b{bs}"
+        run(toy_args(corpus_dir, tokenizer_dir, toy_config_dir, out, max_steps=4, eval_steps=0,
+                     per_device_train_batch_size=bs, gradient_accumulation_steps=ga,
+                     num_samples=0))
+        train = [r for r in metrics(out) if "loss" in r]
+        runs[(bs, ga)] = ([r["loss"] for r in train], [r["grad_norm"] for r in train],
+                          load_file(out / "model.safetensors"))
+    ref_loss, ref_norm, ref_w = runs[(8, 1)]
+    for key, (losses, norms, weights) in runs.items():
+        assert losses == pytest.approx(ref_loss, rel=1e-4), key
+        # Adam hides a mis-scaled gradient in the weights; the gradient norm does not
+        assert norms == pytest.approx(ref_norm, rel=1e-4), key
+        for name, w in ref_w.items():
+            torch.testing.assert_close(weights[name], w, rtol=1e-4, atol=1e-5)
+
+
+def test_two_process_ddp_run(tmp_path, corpus_dir, tokenizer_dir, toy_config_dir):
+    out = tmp_path / "ddp"
+    # 150 steps of 4 x 32 tokens is more than either rank's share of the corpus: both ranks
+    # run out (unevenly) and must cycle on without hanging.
+    args = toy_args(corpus_dir, tokenizer_dir, toy_config_dir, out, max_steps=150,
+                    eval_steps=75, logging_steps=25, num_samples=1, dataloader_num_workers=1)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node",
+           "2", str(ROOT / "train_clm.py"), *args]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    cfg = yaml.safe_load((out / "run_config.yaml").read_text())
+    assert cfg["world_size"] == 2 and cfg["global_batch_sequences"] == 8
+    records = metrics(out)
+    train = [r for r in records if "loss" in r]
+    assert [r["step"] for r in train] == [25, 50, 75, 100, 125, 150], "one writer, no duplicates"
+    assert train[-1]["tokens"] == 150 * 2 * 4 * 32, "tokens count both ranks"
+    evals = [r for r in records if "eval_loss" in r]
+    assert [r["step"] for r in evals] == [0, 75, 150]
+    assert evals[-1]["eval_loss"] < evals[0]["eval_loss"]
+    assert proc.stdout.count("final eval loss") == 1, "only rank 0 reports"
+    written = sorted(p.name for p in out.iterdir())
+    assert ".model.tmp" not in written
+
+
+def test_lr_schedule():
+    cfg = TrainingConfig(output_dir="x", learning_rate=1.0, min_lr=0.1, warmup_steps=10,
+                         max_steps=110)
+    lrs = [loop.lr_at(s, cfg) for s in range(110)]
+    assert lrs[0] == pytest.approx(0.1) and lrs[9] == pytest.approx(1.0)
+    assert lrs[10] == pytest.approx(1.0)
+    assert lrs[60] == pytest.approx(0.55)  # half way down the cosine
+    assert all(a >= b for a, b in zip(lrs[10:], lrs[11:]))
+    assert loop.lr_at(110, cfg) == pytest.approx(0.1) and lrs[-1] > 0.1
+
+
+def test_nan_guard_skips_then_stops(tmp_path, corpus_dir, tokenizer_dir, toy_config_dir,
+                                    monkeypatch):
+    calls = {"n": 0}
+    real = loop.token_nll
+    bad = {3, 4}  # forward calls (= steps with GA 1) whose loss is NaN
+
+    def flaky(model, batch):
+        calls["n"] += 1
+        nll = real(model, batch)
+        return nll * float("nan") if model.training and calls["n"] - 1 in bad else nll
+
+    monkeypatch.setattr(loop, "token_nll", flaky)
+    out = tmp_path / "nan"
+    run(toy_args(corpus_dir, tokenizer_dir, toy_config_dir, out, eval_steps=0, max_steps=6,
+                 validation_split_percentage=0, num_samples=0))
+    train = [r for r in metrics(out) if "step" in r and "eval_loss" not in r]
+    skipped = [r["step"] for r in train if r.get("skipped")]
+    assert skipped == [4, 5] and all(math.isfinite(r["loss"]) for r in train if not r.get("skipped"))
+
+    bad.update(range(0, 100))
+    AcceleratorState = __import__("accelerate.state", fromlist=["x"]).AcceleratorState
+    AcceleratorState._reset_state(reset_partial_state=True)
+    with pytest.raises(FloatingPointError, match="3 optimizer steps in a row"):
+        run(toy_args(corpus_dir, tokenizer_dir, toy_config_dir, tmp_path / "nan2",
+                     eval_steps=0, max_steps=6, validation_split_percentage=0, max_bad_steps=3))
+
+
+def test_weights_do_not_change_on_a_skipped_step(toy_config_dir, tokenizer):
+    from accelerate import Accelerator
+
+    from clm.model import build_model
+
+    model = build_model(ModelConfig(config_name=str(toy_config_dir)), tokenizer, 32)
+    cfg = TrainingConfig(output_dir="x", max_grad_norm=1.0)
+    opt = loop.make_optimizer(model, cfg)
+    acc = Accelerator(cpu=True)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    ids = torch.randint(0, 400, (2, 32))
+    batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids}
+    loss, labels, tokens = loop.forward_backward(model, [batch], acc)
+    assert labels == 2 * 31 and tokens == 64 and math.isfinite(loss)
+    for p in model.parameters():
+        p.grad.fill_(float("nan"))
+    assert not math.isfinite(loop._clip(acc, model, 1.0))
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, before[k])
+
+
+def test_eager_and_sdpa_agree(toy_config_dir, tokenizer):
+    from clm.model import build_model
+
+    torch.manual_seed(0)
+    sdpa = build_model(ModelConfig(config_name=str(toy_config_dir)), tokenizer, 32)
+    eager = build_model(ModelConfig(config_name=str(toy_config_dir), attn_implementation="eager"),
+                        tokenizer, 32)
+    eager.load_state_dict(sdpa.state_dict())
+    assert sdpa.config._attn_implementation == "sdpa"
+    assert eager.config._attn_implementation == "eager"
+    ids = torch.randint(0, 400, (3, 32))
+    with torch.no_grad():
+        torch.testing.assert_close(sdpa(input_ids=ids).logits, eager(input_ids=ids).logits,
+                                   rtol=1e-4, atol=1e-5)
+
+
+def test_gpt2_init_and_padded_vocab(tokenizer):
+    from clm.model import build_model, flops_per_token, num_params
+
+    model = build_model(ModelConfig(model_preset="tiny"), tokenizer, 256)
+    assert model.config.vocab_size == 448  # 400 rounded up to a multiple of 64
+    n_layer = model.config.n_layer
+    proj = torch.cat([b.attn.c_proj.weight.flatten() for b in model.transformer.h])
+    fc = torch.cat([b.mlp.c_fc.weight.flatten() for b in model.transformer.h])
+    assert proj.std().item() == pytest.approx(0.02 / math.sqrt(2 * n_layer), rel=0.05)
+    assert fc.std().item() == pytest.approx(0.02, rel=0.05)
+    assert model.generation_config.suppress_tokens == list(range(400, 448))
+    assert flops_per_token(model, 256) > 6 * num_params(model, non_embedding=True)
+
+
+@pytest.mark.parametrize("case,overrides,message", [
+    ("preset", {"model_preset": "gpt5", "config_name": ""}, "unknown --model_preset 'gpt5'"),
+    ("block", {"block_size": 128}, "--block_size 128 is above the model's 64 positions"),
+    ("column", {"text_column": "body"}, "--text_column 'body' not found"),
+    ("file", {"train_files": "/nonexistent/*.jsonl"}, "matches no file"),
+    ("lr", {"min_lr": 1.0}, "--min_lr 1.0 must be between"),
+])
+def test_bad_input_is_one_line_exit_2(tmp_path, capsys, corpus_dir, tokenizer_dir,
+                                      toy_config_dir, case, overrides, message):
+    out = tmp_path / "o"
+    argv = toy_args(corpus_dir, tokenizer_dir, toy_config_dir, out, **overrides)
+    if overrides.get("config_name") == "":
+        i = argv.index("--config_name")
+        del argv[i:i + 2]
+    with pytest.raises(SystemExit) as e:
+        run(argv)
+    assert e.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: ") and message in err[0], err
+    assert not out.exists(), "nothing is written before the inputs are checked"
+
+
+def test_vocab_mismatch_and_finished_run_are_refused(tmp_path, capsys, corpus_dir,
+                                                     tokenizer_dir, toy_config_dir):
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    small = tmp_path / "small"
+    GPT2LMHeadModel(GPT2Config(n_layer=1, n_head=2, n_embd=32, n_positions=64,
+                               vocab_size=128)).save_pretrained(small)
+    argv = toy_args(corpus_dir, tokenizer_dir, toy_config_dir, tmp_path / "o",
+                    model_name_or_path=small)
+    with pytest.raises(SystemExit):
+        run(argv)
+    assert "tokenizer has 400 tokens but the model only 128" in capsys.readouterr().err
+
+    out = tmp_path / "done"
+    out.mkdir()
+    (out / "model.safetensors").write_text("a finished run")
+    with pytest.raises(SystemExit) as e:
+        run(toy_args(corpus_dir, tokenizer_dir, toy_config_dir, out))
+    assert e.value.code == 2 and "--overwrite_output_dir" in capsys.readouterr().err
+    assert (out / "model.safetensors").read_text() == "a finished run"
+
+
+def test_unknown_option_via_cli_subprocess(tmp_path):
+    proc = subprocess.run([sys.executable, str(ROOT / "train_clm.py"), "--output_dir",
+                           str(tmp_path / "o"), "--max_stepz", "3"],
+                          capture_output=True, text=True, cwd=tmp_path)
+    assert proc.returncode == 2
+    assert proc.stderr.strip().splitlines() == [
+        "error: unrecognized arguments: --max_stepz 3 (see --help)"]
+
+
+def test_tensorboard_tracker(tmp_path, corpus_dir, tokenizer_dir, toy_config_dir):
+    out = tmp_path / "tb"
+    run(toy_args(corpus_dir, tokenizer_dir, toy_config_dir, out, max_steps=2, eval_steps=0,
+                 num_samples=0, report_to="tensorboard"))
+    assert list(out.rglob("events.out.tfevents.*")), "tensorboard event files written"
+
+
+def test_every_shipped_yaml_parses():
+    files = sorted((ROOT / "configs").glob("*.yaml"))
+    assert files
+    for f in files:
+        if f.name.startswith("sft"):
+            continue
+        data_cfg, model_cfg, train_cfg = parse_config(TYPES, ["--config", str(f)])
+        assert train_cfg.output_dir and data_cfg.block_size >= 2

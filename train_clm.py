@@ -1,0 +1,102 @@
+"""Pretrain a GPT-2 from scratch (or continue pretraining one) on streamed, packed text.
+
+    python train_clm.py --config configs/demo_cpu.yaml                        # the CPU demo
+    torchrun --standalone --nproc_per_node 2 train_clm.py --config configs/demo_cpu.yaml --output_dir outputs/ddp
+    accelerate launch --config_file accelerate_configs/multi_gpu.yaml train_clm.py --config configs/gpt2_124m_owt.yaml
+
+Every option can come from `--config FILE.yaml` and be overridden on the command line; see
+`--help`. The output folder is a plain Hugging Face model folder plus metrics.jsonl,
+loss_curve.png, samples.txt, run_config.yaml and a model card.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from clm.config import DataConfig, ModelConfig, TrainingConfig, UsageError, run_cli
+
+
+def main(data_cfg: DataConfig, model_cfg: ModelConfig, train_cfg: TrainingConfig) -> dict:
+    from accelerate.utils import set_seed
+
+    from clm import data, loop, model as models, outputs, runtime
+    from clm.metrics import MetricsLogger
+
+    # --- check everything the user gave us before any work
+    outputs.check_output_dir(train_cfg.output_dir, train_cfg.overwrite_output_dir)
+    tokenizer_name = data_cfg.tokenizer_name or model_cfg.model_name_or_path
+    if not tokenizer_name:
+        raise UsageError("no tokenizer (pass --tokenizer_name, e.g. gpt2 or a local folder)")
+    tokenizer = data.load_tokenizer(tokenizer_name)
+    accelerator = runtime.make_accelerator(train_cfg)
+    set_seed(train_cfg.seed)
+    model = models.build_model(model_cfg, tokenizer, data_cfg.block_size)
+    rank, world = runtime.dist_info()
+    source = data.open_source(data_cfg, "train")
+    batches = data.train_loader(data_cfg, tokenizer, train_cfg.per_device_train_batch_size,
+                                train_cfg.seed, rank, world, source)
+    heldout = data.validation_blocks(data_cfg, tokenizer, source)
+
+    # --- set up
+    out = Path(train_cfg.output_dir)
+    if accelerator.is_main_process:
+        out.mkdir(parents=True, exist_ok=True)
+        outputs.clear_run_files(train_cfg.output_dir)
+    run = outputs.resolved_config({"data": data_cfg, "model": model_cfg, "training": train_cfg},
+                                  model, world, train_cfg, data_cfg.block_size)
+    run["name"] = train_cfg.run_name or out.resolve().name
+    if accelerator.is_main_process:
+        outputs.write_yaml(out / "run_config.yaml", run)
+    fpt = models.flops_per_token(model, data_cfg.block_size)
+    optimizer = loop.make_optimizer(model, train_cfg)
+    if train_cfg.torch_compile:
+        model = torch.compile(model)
+    model, optimizer = accelerator.prepare(model, optimizer)
+    accelerator.init_trackers(run["name"], config=_flat(run),
+                              init_kwargs={"wandb": {"name": run["name"], "dir": str(out)}})
+    logger = MetricsLogger(out, accelerator, train_cfg.max_steps)
+    evaluate = lambda: loop.evaluate(model, heldout, train_cfg.per_device_eval_batch_size,  # noqa
+                                     accelerator)
+    state = loop.LoopState()
+    if heldout is not None:  # the untrained baseline, as nanoGPT users expect at step 0
+        logger.log_eval(0, 0, evaluate())
+
+    # --- train
+    loop.train(train_cfg, accelerator, model, optimizer, batches, state, logger, evaluate,
+               flops_per_token=fpt, peak_flops=models.peak_flops(accelerator.device))
+    logger.close()
+
+    # --- outputs
+    accelerator.wait_for_everyone()
+    evals = [r for r in _read_metrics(out) if "eval_loss" in r] if accelerator.is_main_process else []
+    run.update(step=state.step, tokens=state.tokens, elapsed_s=state.elapsed_s,
+               skipped_steps=state.skipped,
+               final_eval_loss=evals[-1]["eval_loss"] if evals else None,
+               first_eval_loss=evals[0]["eval_loss"] if evals else None)
+    if accelerator.is_main_process:
+        samples = outputs.finish_run(train_cfg.output_dir, accelerator.unwrap_model(model),
+                                     tokenizer, run, train_cfg)
+        for text in samples:
+            print(f"--- sample\n{text}")
+        print(f"\nfinal eval loss {run['final_eval_loss']}, model saved to {out}\n"
+              f"load it: python -c \"from transformers import pipeline; "
+              f"print(pipeline('text-generation', '{out}')('The')[0]['generated_text'])\"")
+    accelerator.end_training()
+    return run
+
+
+def _flat(run: dict) -> dict:
+    return {f"{group}.{k}": v for group in ("data", "model", "training")
+            for k, v in run[group].items() if isinstance(v, (int, float, str, bool))}
+
+
+def _read_metrics(out: Path) -> list[dict]:
+    import json
+
+    return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+
+
+if __name__ == "__main__":
+    run_cli(main, [DataConfig, ModelConfig, TrainingConfig], description=__doc__.splitlines()[0])
