@@ -15,6 +15,7 @@ import argparse
 import json
 import math
 import shutil
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -22,8 +23,9 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-import train_clm
-from clm.config import DataConfig, ModelConfig, TrainingConfig, parse_config
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # train_clm.py sits at the root
+import train_clm  # noqa: E402
+from clm.config import DataConfig, ModelConfig, TrainingConfig, parse_config  # noqa: E402
 
 
 def baseline(data_cfg: DataConfig, model_cfg: ModelConfig, cfg: TrainingConfig) -> dict:

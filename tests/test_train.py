@@ -294,3 +294,19 @@ def test_every_shipped_yaml_parses():
             continue
         data_cfg, model_cfg, train_cfg = parse_config(TYPES, ["--config", str(f)])
         assert train_cfg.output_dir and data_cfg.block_size >= 2
+
+
+def test_bf16_autocast_and_wandb_offline(tmp_path, corpus_dir, tokenizer_dir, toy_config_dir,
+                                         monkeypatch):
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    out = tmp_path / "bf16"
+    result = run(toy_args(corpus_dir, tokenizer_dir, toy_config_dir, out, max_steps=2,
+                          eval_steps=0, num_samples=0, mixed_precision="bf16",
+                          report_to="wandb"))
+    assert math.isfinite(result["final_eval_loss"])
+    from safetensors.torch import load_file
+
+    assert all(t.dtype == torch.float32 for t in load_file(out / "model.safetensors").values()), \
+        "master weights stay fp32 under bf16 autocast"
+    assert list(out.rglob("offline-run-*")), "wandb wrote an offline run"
