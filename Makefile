@@ -32,6 +32,7 @@ demo: setup tokenizer
 bench: setup tokenizer
 	$(PY) bench/data_throughput.py
 	$(PY) bench/baseline_loop.py --config configs/demo_cpu.yaml --max_steps 100
+	$(PY) bench/checkpoint_io.py
 
 test: setup
 	$(PY) -m pytest -q

@@ -1,6 +1,7 @@
 """Pretrain a GPT-2 from scratch (or continue pretraining one) on streamed, packed text.
 
     python train_clm.py --config configs/demo_cpu.yaml                        # the CPU demo
+    python train_clm.py --config configs/demo_cpu.yaml --resume_from_checkpoint latest  # continue it
     torchrun --standalone --nproc_per_node 2 train_clm.py --config configs/demo_cpu.yaml --output_dir outputs/ddp
     accelerate launch --config_file accelerate_configs/multi_gpu.yaml train_clm.py --config configs/gpt2_124m_owt.yaml
 
@@ -21,11 +22,16 @@ from clm.config import DataConfig, ModelConfig, TrainingConfig, UsageError, run_
 def main(data_cfg: DataConfig, model_cfg: ModelConfig, train_cfg: TrainingConfig) -> dict:
     from accelerate.utils import set_seed
 
-    from clm import data, loop, model as models, outputs, runtime
+    from clm import checkpoint as ckpt, data, loop, model as models, outputs, runtime
     from clm.metrics import MetricsLogger
 
     # --- check everything the user gave us before any work
-    outputs.check_output_dir(train_cfg.output_dir, train_cfg.overwrite_output_dir)
+    out = Path(train_cfg.output_dir)
+    resume = train_cfg.resume_from_checkpoint
+    if resume:
+        resume = ckpt.resolve_resume(out, resume)
+    else:
+        outputs.check_output_dir(train_cfg.output_dir, train_cfg.overwrite_output_dir)
     tokenizer_name = data_cfg.tokenizer_name or model_cfg.model_name_or_path
     if not tokenizer_name:
         raise UsageError("no tokenizer (pass --tokenizer_name, e.g. gpt2 or a local folder)")
@@ -34,46 +40,75 @@ def main(data_cfg: DataConfig, model_cfg: ModelConfig, train_cfg: TrainingConfig
     set_seed(train_cfg.seed)
     model = models.build_model(model_cfg, tokenizer, data_cfg.block_size)
     rank, world = runtime.dist_info()
+    global_batch = train_cfg.per_device_train_batch_size * train_cfg.gradient_accumulation_steps
+    fingerprint = ckpt.fingerprint(model, tokenizer, data_cfg.block_size, global_batch * world,
+                                   world, data_cfg.dataloader_num_workers)
+    if resume:
+        ckpt.check_fingerprint(ckpt.read_trainer_state(resume)["fingerprint"], fingerprint,
+                               resume)
     source = data.open_source(data_cfg, "train")
     batches = data.train_loader(data_cfg, tokenizer, train_cfg.per_device_train_batch_size,
                                 train_cfg.seed, rank, world, source)
     heldout = data.validation_blocks(data_cfg, tokenizer, source)
 
-    # --- set up
-    out = Path(train_cfg.output_dir)
-    if accelerator.is_main_process:
-        out.mkdir(parents=True, exist_ok=True)
-        outputs.clear_run_files(train_cfg.output_dir)
+    # --- set up (or restore) the run
     run = outputs.resolved_config({"data": data_cfg, "model": model_cfg, "training": train_cfg},
                                   model, world, train_cfg, data_cfg.block_size)
     run["name"] = train_cfg.run_name or out.resolve().name
-    if accelerator.is_main_process:
-        outputs.write_yaml(out / "run_config.yaml", run)
     fpt = models.flops_per_token(model, data_cfg.block_size)
     optimizer = loop.make_optimizer(model, train_cfg)
     if train_cfg.torch_compile:
         model = torch.compile(model)
     model, optimizer = accelerator.prepare(model, optimizer)
-    accelerator.init_trackers(run["name"], config=_flat(run),
-                              init_kwargs={"wandb": {"name": run["name"], "dir": str(out)}})
-    logger = MetricsLogger(out, accelerator, train_cfg.max_steps)
+    state, tracker_id = loop.LoopState(), None
+    if resume:
+        saved = ckpt.load_checkpoint(accelerator, resume, batches)
+        state, tracker_id = loop.LoopState(**saved["loop"]), saved.get("tracker_id")
+        if accelerator.is_main_process:
+            outputs.truncate_metrics(out, state.step)
+            print(f"resumed from {resume} at step {state.step} ({state.tokens:,} tokens)")
+    elif accelerator.is_main_process:
+        out.mkdir(parents=True, exist_ok=True)
+        outputs.clear_run_files(train_cfg.output_dir)
+    if accelerator.is_main_process:
+        outputs.write_yaml(out / "run_config.yaml", run)
+    wandb_kwargs = {"name": run["name"], "dir": str(out)}
+    if tracker_id:  # the same wandb run continues
+        wandb_kwargs.update(id=tracker_id, resume="allow")
+    accelerator.init_trackers(run["name"], config=_flat(run), init_kwargs={"wandb": wandb_kwargs})
+    tracker_id = tracker_id or _wandb_id(accelerator)
+    logger = MetricsLogger(out, accelerator, train_cfg.max_steps, start_step=state.step)
     evaluate = lambda: loop.evaluate(model, heldout, train_cfg.per_device_eval_batch_size,  # noqa
                                      accelerator)
-    state = loop.LoopState()
-    if heldout is not None:  # the untrained baseline, as nanoGPT users expect at step 0
+    save = lambda st: ckpt.save_checkpoint(  # noqa: E731
+        accelerator, model, tokenizer, batches, st,
+        {"fingerprint": fingerprint, "tracker_id": tracker_id}, out, train_cfg.save_total_limit)
+    if heldout is not None and not resume:  # the untrained baseline, as nanoGPT users expect
         logger.log_eval(0, 0, evaluate())
 
-    # --- train
-    loop.train(train_cfg, accelerator, model, optimizer, batches, state, logger, evaluate,
-               flops_per_token=fpt, peak_flops=models.peak_flops(accelerator.device))
-    logger.close()
+    # --- train until done or told to stop
+    with runtime.StopRequest() as stop:
+        try:
+            loop.train(train_cfg, accelerator, model, optimizer, batches, state, logger,
+                       evaluate, save_fn=save, stop=stop, flops_per_token=fpt,
+                       peak_flops=models.peak_flops(accelerator.device))
+        finally:  # end the progress bar's line, so an error prints on a line of its own
+            logger.close()
+    run.update(step=state.step, tokens=state.tokens, elapsed_s=state.elapsed_s,
+               skipped_steps=state.skipped)
+    if stop.signal_name:
+        if accelerator.is_main_process:
+            print(f"stopped by {stop.signal_name} at step {state.step}: checkpoint saved in "
+                  f"{ckpt.checkpoint_root(out)}/step-{state.step}. To continue, run the same "
+                  "command with --resume_from_checkpoint latest")
+        accelerator.end_training()
+        return {**run, "stopped": stop.signal_name}
 
     # --- outputs
     accelerator.wait_for_everyone()
-    evals = [r for r in _read_metrics(out) if "eval_loss" in r] if accelerator.is_main_process else []
-    run.update(step=state.step, tokens=state.tokens, elapsed_s=state.elapsed_s,
-               skipped_steps=state.skipped,
-               final_eval_loss=evals[-1]["eval_loss"] if evals else None,
+    evals = [r for r in outputs.read_metrics(out) if "eval_loss" in r] \
+        if accelerator.is_main_process else []
+    run.update(final_eval_loss=evals[-1]["eval_loss"] if evals else None,
                first_eval_loss=evals[0]["eval_loss"] if evals else None)
     if accelerator.is_main_process:
         samples = outputs.finish_run(train_cfg.output_dir, accelerator.unwrap_model(model),
@@ -87,15 +122,16 @@ def main(data_cfg: DataConfig, model_cfg: ModelConfig, train_cfg: TrainingConfig
     return run
 
 
+def _wandb_id(accelerator) -> str | None:
+    try:
+        return accelerator.get_tracker("wandb", unwrap=True).id
+    except Exception:  # wandb not in use
+        return None
+
+
 def _flat(run: dict) -> dict:
     return {f"{group}.{k}": v for group in ("data", "model", "training")
             for k, v in run[group].items() if isinstance(v, (int, float, str, bool))}
-
-
-def _read_metrics(out: Path) -> list[dict]:
-    import json
-
-    return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
 
 
 if __name__ == "__main__":

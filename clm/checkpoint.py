@@ -1,20 +1,46 @@
-"""Saving models as plain Hugging Face folders (loadable by from_pretrained and pipeline).
+"""Checkpoints: full training state, atomic, rotated, verified; and plain HF model folders.
 
-    python -c "from transformers import pipeline; print(pipeline('text-generation', 'outputs/demo')('The'))"
+    python train_clm.py --config configs/demo_cpu.yaml --save_steps 50                # writes checkpoints
+    python train_clm.py --config configs/demo_cpu.yaml --save_steps 50 --resume_from_checkpoint latest
 
-Files are written into a hidden temporary folder, flushed to disk, then moved into place one
-by one with `os.replace`, so a reader never sees a half-written file.
+`checkpoints/step-<N>/` holds a plain Hugging Face model folder at its top (so `pipeline()` and
+`generate.py` load it directly) and, under `state/`, everything else a run needs to continue
+exactly: model and optimizer (and grad scaler) through `Accelerator.save_state`, which is also
+what DeepSpeed and FSDP plug into, each rank's RNG states, each rank's data-pipeline state, and
+`trainer_state.json` (the loop's counters, the tracker's run id, and what must match on resume).
+It is written under `.step-<N>.tmp`, flushed, listed with its file sizes in `manifest.json`
+and only then renamed into place; `latest` is the newest checkpoint whose manifest checks out.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import hashlib
+import json
 import os
 import shutil
 from pathlib import Path
 
+import torch
+
+from .config import UsageError
+from .runtime import dist_info
+
+MANIFEST = "manifest.json"
+
+
+class CheckpointError(UsageError):
+    """A checkpoint could not be written or read: reported as one line, nothing else lost."""
+
+
+# ----------------------------------------------------------------------------- HF folders
 
 def save_model_folder(model, tokenizer, dest: str | Path) -> Path:
-    """Write `model` (unwrapped) and `tokenizer` into `dest` as safetensors + tokenizer files."""
+    """Write `model` (unwrapped) and `tokenizer` into `dest` as safetensors + tokenizer files.
+
+    Files go into a hidden temporary folder first and are moved into place with `os.replace`,
+    so a reader never sees a half-written file.
+    """
     dest = Path(dest)
     dest.mkdir(parents=True, exist_ok=True)
     tmp = dest / ".model.tmp"
@@ -22,8 +48,203 @@ def save_model_folder(model, tokenizer, dest: str | Path) -> Path:
     model.save_pretrained(tmp, safe_serialization=True)
     tokenizer.save_pretrained(tmp)
     for f in sorted(tmp.iterdir()):
-        with open(f, "rb") as fh:
-            os.fsync(fh.fileno())
+        _fsync(f)
         os.replace(f, dest / f.name)
     tmp.rmdir()
     return dest
+
+
+def _fsync(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+# ----------------------------------------------------------------------------- finding
+
+def checkpoint_root(output_dir: str | Path) -> Path:
+    return Path(output_dir) / "checkpoints"
+
+
+def _step_of(path: Path) -> int | None:
+    name = path.name
+    if name.startswith("step-") and name[5:].isdigit():
+        return int(name[5:])
+    return None
+
+
+def list_checkpoints(output_dir: str | Path) -> list[Path]:
+    """Renamed-into-place checkpoints, oldest first (complete or not: see `verify`)."""
+    root = checkpoint_root(output_dir)
+    if not root.is_dir():
+        return []
+    found = [p for p in root.iterdir() if p.is_dir() and _step_of(p) is not None]
+    return sorted(found, key=_step_of)
+
+
+def verify(path: Path) -> str | None:
+    """None if the checkpoint is complete and undamaged, else what is wrong with it."""
+    manifest = path / MANIFEST
+    if not manifest.is_file():
+        return "no manifest (the save did not finish)"
+    try:
+        files = json.loads(manifest.read_text())["files"]
+    except (ValueError, KeyError):
+        return "unreadable manifest"
+    for rel, size in files.items():
+        f = path / rel
+        if not f.is_file():
+            return f"missing {rel}"
+        if f.stat().st_size != size:
+            return f"{rel} has {f.stat().st_size} bytes, expected {size}"
+    return None
+
+
+def resolve_resume(output_dir: str | Path, spec: str, log=print) -> Path:
+    """The checkpoint folder `--resume_from_checkpoint spec` names; `latest` skips damaged ones."""
+    if spec != "latest":
+        path = Path(spec)
+        if not path.is_dir():
+            raise CheckpointError(f"--resume_from_checkpoint {spec} is not a folder (pass "
+                                  "'latest' or a checkpoints/step-N folder)")
+        problem = verify(path)
+        if problem:
+            raise CheckpointError(f"checkpoint {path} is damaged: {problem} (pass an earlier "
+                                  "checkpoint or 'latest')")
+        return path
+    for path in reversed(list_checkpoints(output_dir)):
+        problem = verify(path)
+        if problem is None:
+            return path
+        log(f"warning: checkpoint {path} is damaged ({problem}); trying the previous one")
+    raise CheckpointError(f"--resume_from_checkpoint latest: no complete checkpoint in "
+                          f"{checkpoint_root(output_dir)} (run without it to start afresh)")
+
+
+# ----------------------------------------------------------------------------- save / load
+
+def fingerprint(model, tokenizer, block_size: int, global_batch: int, world_size: int,
+                num_workers: int) -> dict:
+    """What a resume must match: model shape, tokenizer, block size, batch, world, workers."""
+    c = model.config
+    vocab = json.dumps(tokenizer.get_vocab(), sort_keys=True).encode()
+    return {"model_type": c.model_type, "n_layer": c.n_layer, "n_head": c.n_head,
+            "n_embd": c.n_embd, "n_positions": c.n_positions, "vocab_size": c.vocab_size,
+            "tokenizer": hashlib.sha256(vocab).hexdigest()[:16], "block_size": block_size,
+            "global_batch": global_batch, "world_size": world_size, "num_workers": num_workers}
+
+
+FIX = {"world_size": "launch with the same number of processes",
+       "num_workers": "use the same --dataloader_num_workers",
+       "global_batch": "keep per_device_train_batch_size x gradient_accumulation_steps x "
+                       "processes the same",
+       "block_size": "use the same --block_size", "tokenizer": "use the same --tokenizer_name"}
+
+
+def check_fingerprint(saved: dict, current: dict, path: Path) -> None:
+    for key, value in saved.items():
+        if current.get(key) != value:
+            fix = FIX.get(key, "use the same model configuration")
+            raise CheckpointError(f"cannot resume from {path}: it has {key}={value} but this run "
+                                  f"has {key}={current.get(key)} ({fix})")
+
+
+def _dist_ok(accelerator, ok: bool) -> bool:
+    """True only if every rank reports ok."""
+    if dist_info()[1] > 1:
+        flag = torch.tensor([0.0 if ok else 1.0], device=accelerator.device)
+        torch.distributed.all_reduce(flag)
+        return flag.item() == 0
+    return ok
+
+
+def save_checkpoint(accelerator, model, tokenizer, loader, state, meta: dict,
+                    output_dir: str | Path, save_total_limit: int | None = None) -> Path:
+    """Write checkpoints/step-<state.step> on every rank; returns its path.
+
+    A failure on any rank (a full disk, say) removes the partial folder, leaves every earlier
+    checkpoint as it was and raises CheckpointError on every rank.
+    """
+    root = checkpoint_root(output_dir)
+    final = root / f"step-{state.step}"
+    tmp = root / f".step-{state.step}.tmp"
+    if final.is_dir() and verify(final) is None:
+        return final
+    main = accelerator.is_main_process
+    if main:
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+    accelerator.wait_for_everyone()
+    error = None
+    try:
+        accelerator.save_state(str(tmp / "state"), safe_serialization=True)
+        _write_json(tmp / "state" / f"data_rank{_rank()}.json", loader.state_dict())
+        if main:
+            save_model_folder(accelerator.unwrap_model(model), tokenizer, tmp)
+            _write_json(tmp / "trainer_state.json",
+                        {"loop": dataclasses.asdict(state), **meta})
+    except OSError as e:
+        error = e
+    if not _dist_ok(accelerator, error is None):
+        if main:
+            shutil.rmtree(tmp, ignore_errors=True)
+        reason = os.strerror(error.errno) if error is not None and error.errno else str(error)
+        previous = [p.name for p in list_checkpoints(output_dir) if verify(p) is None]
+        kept = f"{previous[-1]} is intact" if previous else "no earlier checkpoint exists"
+        raise CheckpointError(f"could not save checkpoint {final.name}: "
+                              f"{reason or 'failed on another rank'} "
+                              f"(free disk space or change --output_dir; {kept})")
+    if main:
+        files = {str(f.relative_to(tmp)): f.stat().st_size for f in sorted(tmp.rglob("*"))
+                 if f.is_file()}
+        for rel in files:
+            _fsync(tmp / rel)
+        _write_json(tmp / MANIFEST, {"step": state.step, "files": files})
+        if final.exists():  # a damaged leftover of an earlier attempt at this step
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+        _fsync(root)
+        rotate(output_dir, save_total_limit)
+    accelerator.wait_for_everyone()
+    return final
+
+
+def rotate(output_dir: str | Path, limit: int | None) -> list[Path]:
+    """Delete the oldest checkpoints beyond `limit`; the newest complete one always stays."""
+    if not limit:
+        return []
+    complete = [p for p in list_checkpoints(output_dir) if verify(p) is None]
+    doomed = complete[:-limit] if len(complete) > limit else []
+    for path in doomed:
+        shutil.rmtree(path)
+    return doomed
+
+
+def load_checkpoint(accelerator, path: Path, loader) -> dict:
+    """Restore model, optimizer, RNG and this rank's data state; returns trainer_state.json."""
+    accelerator.load_state(str(path / "state"))
+    data_file = path / "state" / f"data_rank{_rank()}.json"
+    if not data_file.is_file():
+        raise CheckpointError(f"checkpoint {path} has no data state for rank {_rank()} "
+                              "(resume with the number of processes it was saved with)")
+    loader.load_state_dict(json.loads(data_file.read_text()))
+    return json.loads((path / "trainer_state.json").read_text())
+
+
+def read_trainer_state(path: Path) -> dict:
+    return json.loads((path / "trainer_state.json").read_text())
+
+
+def _rank() -> int:
+    return dist_info()[0]
+
+
+def _write_json(path: Path, data) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "w") as f:
+        json.dump(data, f)
+        f.flush()
+        os.fsync(f.fileno())
+

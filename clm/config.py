@@ -131,6 +131,13 @@ class TrainingConfig:
     logging_steps: int = _help("Log training metrics every N optimizer steps.", default=10)
     eval_steps: int = _help("Evaluate on the whole held-out set every N steps (and at the end; "
                             "0: only at the end).", default=200)
+    save_steps: int = _help("Save a full checkpoint every N optimizer steps (0: only when "
+                            "stopped by SIGTERM/SIGINT).", default=0)
+    save_total_limit: Optional[int] = _help(
+        "Keep at most N checkpoints (the newest complete one is never deleted).", default=None)
+    resume_from_checkpoint: Optional[str] = _help(
+        "'latest' (newest complete checkpoint in output_dir) or a checkpoints/step-N folder: "
+        "continue that run exactly.", default=None)
     seed: int = _help("Seed for initialisation, data order and sampling.", default=1337)
     mixed_precision: str = _help("no, bf16 (autocast, fp32 master weights) or fp16.",
                                  default="no")
@@ -153,7 +160,9 @@ class TrainingConfig:
         for name in positive:
             if getattr(self, name) < 1:
                 raise UsageError(f"--{name} must be >= 1 (got {getattr(self, name)})")
-        for name in ("warmup_steps", "eval_steps", "max_grad_norm",
+        if self.save_total_limit is not None and self.save_total_limit < 1:
+            raise UsageError("--save_total_limit must be >= 1 (the newest checkpoint is kept)")
+        for name in ("warmup_steps", "eval_steps", "save_steps", "max_grad_norm",
                      "weight_decay", "num_samples"):
             if getattr(self, name) < 0:
                 raise UsageError(f"--{name} must be >= 0 (got {getattr(self, name)})")

@@ -336,12 +336,21 @@ class BlockLoader:
         self.blocks.worker_offset = self.batches % max(1, workers)
         loader = torch.utils.data.DataLoader(
             self.blocks, batch_size=None, num_workers=workers, pin_memory=self.pin_memory,
-            prefetch_factor=self.prefetch_factor if workers else None)
+            prefetch_factor=self.prefetch_factor if workers else None,
+            worker_init_fn=_ignore_sigint)
         for batch in loader:
             state = batch.pop("_state")
             self.worker_states[state["worker"]] = state
             self.batches += 1
             yield batch
+
+
+def _ignore_sigint(_worker_id: int) -> None:
+    # Ctrl-C reaches the whole process group; the main process handles it (finish the step,
+    # checkpoint, exit), and workers that died on it would fail that last step.
+    import signal
+
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
 # ----------------------------------------------------------------------------- entry points

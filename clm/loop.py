@@ -120,8 +120,13 @@ def evaluate(model, blocks: torch.Tensor | None, batch_size: int, accelerator) -
 
 
 def train(cfg: TrainingConfig, accelerator, model, optimizer, batches, state: LoopState, logger,
-          evaluate_fn, flops_per_token: float | None = None, peak_flops: float | None = None):
-    """Run optimizer steps until `cfg.max_steps`; `batches` yields micro-batches forever."""
+          evaluate_fn, save_fn=None, stop=None, flops_per_token: float | None = None,
+          peak_flops: float | None = None):
+    """Run optimizer steps until `cfg.max_steps` or a stop request; `batches` never ends.
+
+    `save_fn(state)` checkpoints (every `save_steps`, and when stopped); `stop.requested()`
+    is checked after every step, on every rank alike.
+    """
     model.train()
     data = iter(batches)
     window_tokens, window_start = 0, time.perf_counter()
@@ -168,6 +173,13 @@ def train(cfg: TrainingConfig, accelerator, model, optimizer, batches, state: Lo
             eval_loss = evaluate_fn()
             if eval_loss is not None:
                 logger.log_eval(state.step, state.tokens, eval_loss)
+        saved = bool(save_fn and cfg.save_steps and state.step % cfg.save_steps == 0)
+        if saved:
+            save_fn(state)
+        if stop is not None and stop.requested(accelerator.device):
+            if save_fn and not saved:
+                save_fn(state)
+            break
     return state
 
 

@@ -55,6 +55,8 @@ def build_model(cfg: ModelConfig, tokenizer, block_size: int, dtype=None):
                                  f"{str(e).strip().splitlines()[0]} (pass a folder with a "
                                  "config.json)") from None
             config.vocab_size = padded_vocab(len(tokenizer))
+            config.bos_token_id = tokenizer.bos_token_id or tokenizer.eos_token_id
+            config.eos_token_id = tokenizer.eos_token_id
         else:
             n_layer, n_head, n_embd, n_positions = PRESET_SHAPES[cfg.model_preset]
             config = GPT2Config(n_layer=n_layer, n_head=n_head, n_embd=n_embd,

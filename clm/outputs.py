@@ -6,6 +6,7 @@
 from __future__ import annotations
 
 import dataclasses
+import json
 import platform
 import shutil
 from pathlib import Path
@@ -35,6 +36,26 @@ def clear_run_files(output_dir: str) -> None:
     for name in RUN_FILES:
         (path / name).unlink(missing_ok=True)
     shutil.rmtree(path / "checkpoints", ignore_errors=True)
+
+
+def read_metrics(output_dir) -> list[dict]:
+    path = Path(output_dir) / "metrics.jsonl"
+    if not path.is_file():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def truncate_metrics(output_dir, step: int) -> None:
+    """On resume: drop what a killed run logged after its checkpoint, then redraw the curve."""
+    from .metrics import plot_loss_curve
+
+    path = Path(output_dir) / "metrics.jsonl"
+    kept = [r for r in read_metrics(output_dir) if r["step"] <= step]
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text("".join(json.dumps(r) + "\n" for r in kept))
+    tmp.replace(path)
+    if kept:
+        plot_loss_curve(output_dir)
 
 
 def library_versions() -> dict:

@@ -12,6 +12,7 @@ the two disagree, and a disagreement that would break training is an error.
 from __future__ import annotations
 
 import os
+import signal
 
 import torch
 
@@ -43,3 +44,38 @@ def make_accelerator(cfg: TrainingConfig):
                          f"{accelerator.num_processes} (launch with torchrun or accelerate "
                          "launch using a multi-process config)")
     return accelerator
+
+
+class StopRequest:
+    """SIGTERM/SIGINT set a flag; the loop checks it after each optimizer step on every rank.
+
+    The flag is combined over ranks, so a signal delivered to any one of them stops all of them
+    after the same step, and they checkpoint together.
+    """
+
+    SIGNALS = (signal.SIGTERM, signal.SIGINT)
+
+    def __init__(self):
+        self.signal_name: str | None = None
+        self._previous = {}
+
+    def __enter__(self):
+        for sig in self.SIGNALS:
+            self._previous[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def __exit__(self, *exc):
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+
+    def _handle(self, signum, frame):
+        self.signal_name = signal.Signals(signum).name
+
+    def requested(self, device) -> bool:
+        flag = self.signal_name is not None
+        if dist_info()[1] > 1:
+            t = torch.tensor([1.0 if flag else 0.0], device=device)
+            torch.distributed.all_reduce(t)
+            flag = t.item() > 0
+            self.signal_name = self.signal_name or ("a signal to another rank" if flag else None)
+        return flag

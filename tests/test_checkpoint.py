@@ -1,0 +1,212 @@
+"""Checkpoints and exact resume: SIGKILL, SIGTERM, twice, damaged, rotation, refusals, full disk, DDP."""
+
+import errno
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from clm import checkpoint as ckpt
+from test_train import ROOT, TYPES, fresh_accelerate_state, metrics, run, toy_args, toy_config_dir  # noqa: F401
+
+
+def losses(out):
+    return {r["step"]: r["loss"] for r in metrics(out) if "loss" in r}
+
+
+def eval_losses(out):
+    return {r["step"]: r["eval_loss"] for r in metrics(out) if "eval_loss" in r}
+
+
+def weights(path):
+    return load_file(Path(path) / "model.safetensors")
+
+
+def assert_same_run(a, b):
+    assert losses(a) == losses(b), "identical per-step losses"
+    assert eval_losses(a) == eval_losses(b)
+    wa, wb = weights(a), weights(b)
+    assert wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa), "bitwise"
+
+
+def script(args, launcher=()):
+    return [sys.executable, *launcher, str(ROOT / "train_clm.py"), *args]
+
+
+def wait_for(predicate, proc, timeout=120):
+    start = time.time()
+    while not predicate():
+        assert proc.poll() is None, f"process ended early: {proc.communicate()[1][-3000:]}"
+        assert time.time() - start < timeout, "timed out"
+        time.sleep(0.02)
+
+
+@pytest.fixture(scope="module")
+def args_for(corpus_dir, tokenizer_dir, toy_config_dir):
+    def make(out, **kw):
+        base = dict(max_steps=30, eval_steps=10, logging_steps=1, save_steps=4,
+                    dataloader_num_workers=2, shuffle_window=8, num_samples=0)
+        base.update(kw)
+        return toy_args(corpus_dir, tokenizer_dir, toy_config_dir, out, **base)
+    return make
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory, args_for):
+    out = tmp_path_factory.mktemp("ref") / "run"
+    proc = subprocess.run(script(args_for(out)), capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return out
+
+
+def test_sigkill_after_checkpoint_then_resume_twice(tmp_path, args_for, reference):
+    out = tmp_path / "run"
+    for kill_after in (4, 12):  # killed twice, resumed twice
+        extra = ["--resume_from_checkpoint", "latest"] if kill_after > 4 else []
+        proc = subprocess.Popen(script(args_for(out) + extra), stdout=subprocess.PIPE,
+                                stderr=subprocess.PIPE, text=True)
+        target = ckpt.checkpoint_root(out) / f"step-{kill_after}"
+        wait_for(target.is_dir, proc)
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+        assert not (out / "model.safetensors").exists(), "killed before the end"
+        assert ckpt.verify(target) is None
+    proc = subprocess.run(script(args_for(out) + ["--resume_from_checkpoint", "latest"]),
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "resumed from" in proc.stdout
+    assert_same_run(out, reference)
+    # each checkpoint holds a plain HF model folder
+    from transformers import AutoModelForCausalLM
+
+    AutoModelForCausalLM.from_pretrained(ckpt.checkpoint_root(out) / "step-12")
+
+
+def test_sigterm_saves_exits_0_and_continues_identically(tmp_path, args_for, reference):
+    out = tmp_path / "run"
+    proc = subprocess.Popen(script(args_for(out, save_steps=0)), stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    wait_for(lambda: (out / "metrics.jsonl").exists() and len(losses(out)) >= 5, proc)
+    proc.send_signal(signal.SIGTERM)
+    stdout, stderr = proc.communicate(timeout=120)
+    assert proc.returncode == 0, stderr[-3000:]
+    step = max(losses(out))
+    assert 5 <= step < 30 and f"stopped by SIGTERM at step {step}" in stdout
+    assert "--resume_from_checkpoint latest" in stdout
+    assert [p.name for p in ckpt.list_checkpoints(out)] == [f"step-{step}"]
+    proc = subprocess.run(script(args_for(out, save_steps=0) + ["--resume_from_checkpoint",
+                                                                "latest"]),
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert_same_run(out, reference)
+
+
+def test_damaged_newest_falls_back_and_rotation_keeps_newest(tmp_path, args_for, capsys):
+    out = tmp_path / "run"
+    run(args_for(out, max_steps=12, dataloader_num_workers=0, save_total_limit=2))
+    assert [p.name for p in ckpt.list_checkpoints(out)] == ["step-8", "step-12"]
+    optimizer = next((ckpt.checkpoint_root(out) / "step-12" / "state").glob("optimizer*"))
+    optimizer.write_bytes(optimizer.read_bytes()[:100])  # a damaged newest checkpoint
+    assert ckpt.resolve_resume(out, "latest").name == "step-8"
+    assert "step-12 is damaged" in capsys.readouterr().out
+    # rotation counts only complete checkpoints and never removes the newest complete one
+    assert ckpt.rotate(out, 1) == []
+    assert [p.name for p in ckpt.list_checkpoints(out)] == ["step-8", "step-12"]
+    partial = ckpt.checkpoint_root(out) / "step-16"
+    partial.mkdir()
+    assert ckpt.resolve_resume(out, "latest").name == "step-8"
+
+
+def test_resume_refusals_are_one_line_errors(tmp_path, args_for, capsys, corpus_dir,
+                                             tokenizer_dir):
+    out = tmp_path / "run"
+    run(args_for(out, max_steps=4, dataloader_num_workers=0))
+    capsys.readouterr()
+    cases = [({"block_size": 16}, "block_size=32 but this run has block_size=16"),
+             ({"per_device_train_batch_size": 2}, "global_batch=4 but this run has global_batch=2"),
+             ({"dataloader_num_workers": 1}, "num_workers=0"),
+             ({"max_steps": 8, "config_name": None}, "n_layer=2 but this run has n_layer=4")]
+    for overrides, message in cases:
+        kw = dict(max_steps=8, dataloader_num_workers=0)
+        kw.update(overrides)
+        argv = args_for(out, **kw) + ["--resume_from_checkpoint", "latest"]
+        if overrides.get("config_name", "") is None:
+            i = argv.index("--config_name")
+            del argv[i:i + 2]
+            argv += ["--model_preset", "tiny", "--block_size", "32"]
+        with pytest.raises(SystemExit) as e:
+            run(argv)
+        err = capsys.readouterr().err.strip().splitlines()
+        assert e.value.code == 2 and len(err) == 1 and message in err[0], (message, err)
+    state_file = ckpt.checkpoint_root(out) / "step-4" / "trainer_state.json"
+    saved = json.loads(state_file.read_text())
+    saved["fingerprint"]["world_size"] = 2
+    state_file.write_text(json.dumps(saved))
+    with pytest.raises(SystemExit):
+        run(args_for(out, max_steps=8, dataloader_num_workers=0) +
+            ["--resume_from_checkpoint", str(state_file.parent)])
+    assert "world_size=2 but this run has world_size=1 (launch with the same number" in \
+        capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        run(args_for(tmp_path / "empty", max_steps=8) + ["--resume_from_checkpoint", "latest"])
+    assert "no complete checkpoint" in capsys.readouterr().err
+
+
+def test_full_disk_during_save_keeps_previous_checkpoint(tmp_path, args_for, capsys,
+                                                         monkeypatch):
+    real = ckpt.save_model_folder
+    calls = {"n": 0}
+
+    def flaky(model, tokenizer, dest):
+        calls["n"] += 1
+        if calls["n"] == 2:
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        return real(model, tokenizer, dest)
+
+    monkeypatch.setattr(ckpt, "save_model_folder", flaky)
+    out = tmp_path / "run"
+    with pytest.raises(SystemExit) as e:
+        run(args_for(out, max_steps=12, dataloader_num_workers=0))
+    err = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error:")]
+    assert e.value.code == 2 and len(err) == 1, "one error line (after the progress bar)"
+    assert "could not save checkpoint step-8: No space left on device" in err[0]
+    assert "step-4 is intact" in err[0]
+    assert [p.name for p in ckpt.list_checkpoints(out)] == ["step-4"]
+    assert ckpt.verify(ckpt.checkpoint_root(out) / "step-4") is None
+    assert not list(ckpt.checkpoint_root(out).glob(".*tmp"))
+
+
+def test_two_process_stop_and_resume_matches(tmp_path, args_for):
+    launcher = ("-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2")
+    kw = dict(max_steps=16, eval_steps=8, save_steps=0, dataloader_num_workers=1)
+    ref = tmp_path / "ref"
+    proc = subprocess.run(script(args_for(ref, **kw), launcher), capture_output=True, text=True,
+                          timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    out = tmp_path / "run"
+    proc = subprocess.Popen(script(args_for(out, **kw), launcher), stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    wait_for(lambda: (out / "metrics.jsonl").exists() and len(losses(out)) >= 4, proc)
+    ranks = subprocess.run(["pgrep", "-P", str(proc.pid)], capture_output=True,
+                           text=True).stdout.split()
+    assert len(ranks) == 2
+    os.kill(int(ranks[-1]), signal.SIGTERM)  # one rank is told; both must stop together
+    stdout, stderr = proc.communicate(timeout=180)
+    assert proc.returncode == 0, stderr[-3000:]
+    assert "stopped by" in stdout
+    step = max(losses(out))
+    assert step < 16
+    state = ckpt.checkpoint_root(out) / f"step-{step}" / "state"
+    assert sorted(p.name for p in state.glob("data_rank*.json")) == ["data_rank0.json",
+                                                                    "data_rank1.json"]
+    proc = subprocess.run(script(args_for(out, **kw) + ["--resume_from_checkpoint", "latest"],
+                                 launcher), capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert_same_run(out, ref)
