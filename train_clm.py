@@ -82,7 +82,8 @@ def main(data_cfg: DataConfig, model_cfg: ModelConfig, train_cfg: TrainingConfig
                                      accelerator)
     save = lambda st: ckpt.save_checkpoint(  # noqa: E731
         accelerator, model, tokenizer, batches, st,
-        {"fingerprint": fingerprint, "tracker_id": tracker_id}, out, train_cfg.save_total_limit)
+        {"fingerprint": fingerprint, "tracker_id": tracker_id, "run_config": run}, out,
+        train_cfg.save_total_limit)
     if heldout is not None and not resume:  # the untrained baseline, as nanoGPT users expect
         logger.log_eval(0, 0, evaluate())
 

@@ -210,3 +210,22 @@ def test_two_process_stop_and_resume_matches(tmp_path, args_for):
                                  launcher), capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert_same_run(out, ref)
+
+
+def test_resumed_wandb_run_continues_the_same_run(tmp_path, args_for, monkeypatch):
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    out = tmp_path / "run"
+    run(args_for(out, max_steps=2, save_steps=2, dataloader_num_workers=0, report_to="wandb"))
+    saved = json.loads((ckpt.checkpoint_root(out) / "step-2" / "trainer_state.json").read_text())
+    run_id = saved["tracker_id"]
+    assert run_id and saved["run_config"]["training"]["save_steps"] == 2
+    from accelerate.state import AcceleratorState, GradientState
+
+    AcceleratorState._reset_state(reset_partial_state=True)
+    GradientState._reset_state()
+    run(args_for(out, max_steps=4, save_steps=2, dataloader_num_workers=0, report_to="wandb") +
+        ["--resume_from_checkpoint", "latest"])
+    runs = sorted(p.name for p in out.rglob("offline-run-*"))
+    assert len(runs) == 2 and all(r.endswith(run_id) for r in runs), runs
+    assert sorted(losses(out)) == [1, 2, 3, 4]
