@@ -22,7 +22,7 @@ from clm.config import DataConfig, ModelConfig, TrainingConfig, UsageError, run_
 def main(data_cfg: DataConfig, model_cfg: ModelConfig, train_cfg: TrainingConfig) -> dict:
     from accelerate.utils import set_seed
 
-    from clm import checkpoint as ckpt, data, loop, model as models, outputs, runtime
+    from clm import checkpoint as ckpt, data, hub, loop, model as models, outputs, runtime
     from clm.metrics import MetricsLogger
 
     # --- check everything the user gave us before any work
@@ -80,10 +80,16 @@ def main(data_cfg: DataConfig, model_cfg: ModelConfig, train_cfg: TrainingConfig
     logger = MetricsLogger(out, accelerator, train_cfg.max_steps, start_step=state.step)
     evaluate = lambda: loop.evaluate(model, heldout, train_cfg.per_device_eval_batch_size,  # noqa
                                      accelerator)
-    save = lambda st: ckpt.save_checkpoint(  # noqa: E731
-        accelerator, model, tokenizer, batches, st,
-        {"fingerprint": fingerprint, "tracker_id": tracker_id, "run_config": run}, out,
-        train_cfg.save_total_limit)
+    pusher = hub.HubPusher(train_cfg.hub_model_id, train_cfg.hub_private_repo) \
+        if train_cfg.push_to_hub and accelerator.is_main_process else None
+
+    def save(st):
+        path = ckpt.save_checkpoint(
+            accelerator, model, tokenizer, batches, st,
+            {"fingerprint": fingerprint, "tracker_id": tracker_id, "run_config": run}, out,
+            train_cfg.save_total_limit)
+        if pusher and train_cfg.hub_strategy == "every_save":
+            pusher.push(path, f"step-{st.step}", f"checkpoint at step {st.step}")
     if heldout is not None and not resume:  # the untrained baseline, as nanoGPT users expect
         logger.log_eval(0, 0, evaluate())
 
@@ -102,6 +108,7 @@ def main(data_cfg: DataConfig, model_cfg: ModelConfig, train_cfg: TrainingConfig
             print(f"stopped by {stop.signal_name} at step {state.step}: checkpoint saved in "
                   f"{ckpt.checkpoint_root(out)}/step-{state.step}. To continue, run the same "
                   "command with --resume_from_checkpoint latest")
+        _finish_pushes(pusher, timeout=120)
         accelerator.end_training()
         return {**run, "stopped": stop.signal_name}
 
@@ -119,8 +126,22 @@ def main(data_cfg: DataConfig, model_cfg: ModelConfig, train_cfg: TrainingConfig
         print(f"\nfinal eval loss {run['final_eval_loss']}, model saved to {out}\n"
               f"load it: python -c \"from transformers import pipeline; "
               f"print(pipeline('text-generation', '{out}')('The')[0]['generated_text'])\"")
+        if pusher:
+            pusher.push(out, "main", f"final model at step {state.step}", final=True)
+            _finish_pushes(pusher)
     accelerator.end_training()
     return run
+
+
+def _finish_pushes(pusher, timeout: float | None = None) -> None:
+    if pusher is None:
+        return
+    if pusher.finish(timeout):
+        print(f"hub: everything is pushed to {pusher.repo_id}")
+    else:
+        left = ", ".join(j[1] for j in pusher.pending) or "a push still running"
+        print(f"hub: not pushed: {left} (the files are in the output folder; push them with "
+              f"`hf upload {pusher.repo_id} FOLDER`)")
 
 
 def _wandb_id(accelerator) -> str | None:

@@ -152,7 +152,22 @@ class TrainingConfig:
     sample_max_new_tokens: int = _help("Tokens per sample.", default=64)
     sample_prompt: str = _help("Prompt the samples start from.", default="The")
 
+    push_to_hub: bool = _help("Push checkpoints and the final model to the Hub (token from "
+                              "HF_TOKEN or `hf auth login`).", default=False)
+    hub_model_id: Optional[str] = _help("Hub repo to push to, as user/name.", default=None)
+    hub_private_repo: bool = _help("Create the Hub repo as private.", default=False)
+    hub_strategy: str = _help("every_save: each checkpoint on its own branch step-N, and the "
+                              "final model on main; end: only the final model.",
+                              default="every_save")
+    license: Optional[str] = _help("License for the model card's metadata (e.g. mit).",
+                                   default=None)
+
     def __post_init__(self):
+        if self.push_to_hub and not self.hub_model_id:
+            raise UsageError("--push_to_hub needs --hub_model_id (pass --hub_model_id user/name)")
+        if self.hub_strategy not in ("every_save", "end"):
+            raise UsageError(f"unknown --hub_strategy '{self.hub_strategy}' "
+                             "(choose every_save or end)")
         if not self.output_dir:
             raise UsageError("--output_dir is required (pass --output_dir DIR)")
         positive = ("per_device_train_batch_size", "per_device_eval_batch_size",

@@ -1,13 +1,99 @@
-"""The model card written beside every final model (and pushed with it to the Hub).
+"""The Hub: the model card, and pushes from a background thread that training never waits on.
 
-    python -c "from clm.hub import model_card; help(model_card)"
+    HF_TOKEN=... python train_clm.py --config configs/demo_cpu.yaml --push_to_hub --hub_model_id me/demo
+
+Each checkpoint's HF folder is pushed as one commit on its own branch (`step-<N>`, load it with
+`from_pretrained(repo, revision="step-200")`), and the final folder with its model card to
+`main`. Pushes run in a daemon thread with retries and exponential backoff; one that still fails
+is reported and tried again at the next push, so a flaky network never stops or slows training.
+The token comes from HF_TOKEN or `hf auth login`, is never an option, and is scrubbed from any
+message we print.
 """
 
 from __future__ import annotations
 
 import math
+import os
+import queue
 import shlex
 import sys
+import threading
+import time
+from pathlib import Path
+
+FINAL_IGNORE = ["checkpoints/*", "wandb/*", "runs/*", ".*", "*/.*", "*.tmp"]
+CHECKPOINT_IGNORE = ["state/*", "manifest.json", "trainer_state.json", ".*", "*.tmp"]
+
+
+class HubPusher:
+    """Push folders to one Hub repo from a background thread, with retries."""
+
+    def __init__(self, repo_id: str, private: bool = False, retries: int = 4,
+                 backoff_s: float = 2.0, log=print):
+        from huggingface_hub import HfApi, get_token
+
+        self.repo_id, self.private, self.retries, self.backoff_s = repo_id, private, retries, backoff_s
+        self.api = HfApi(endpoint=os.environ.get("HF_ENDPOINT") or None)
+        self._secret = get_token()
+        self._log = log
+        self._repo_ready = False
+        self._queue: queue.Queue = queue.Queue()
+        self.pending: list[tuple] = []   # jobs that failed every retry; tried again next time
+        self.pushed: list[str] = []      # revisions pushed
+        self._thread = threading.Thread(target=self._run, name="hub-push", daemon=True)
+        self._thread.start()
+
+    def push(self, folder: str | Path, revision: str, message: str, final: bool = False) -> None:
+        self._queue.put((str(folder), revision, message, final))
+
+    def finish(self, timeout: float | None = None) -> bool:
+        """Wait (at most `timeout` s) for queued pushes; True if nothing is left unpushed."""
+        self._queue.put(None)
+        self._thread.join(timeout)
+        return not self._thread.is_alive() and not self.pending
+
+    def _say(self, message: str) -> None:
+        if self._secret:
+            message = message.replace(self._secret, "***")
+        self._log(message)
+
+    def _run(self) -> None:
+        while True:
+            job = self._queue.get()
+            jobs, self.pending = self.pending + ([job] if job else []), []
+            for j in jobs:
+                if not Path(j[0]).is_dir():  # a checkpoint rotated away before its retry
+                    self._say(f"hub: {j[0]} no longer exists; not pushing it")
+                elif not self._push_with_retries(*j):
+                    self.pending.append(j)
+            if job is None:
+                return
+
+    def _push_with_retries(self, folder: str, revision: str, message: str, final: bool) -> bool:
+        for attempt in range(1, self.retries + 1):
+            try:
+                self._push_once(folder, revision, message, final)
+                self.pushed.append(revision)
+                self._say(f"hub: pushed {folder} to {self.repo_id}@{revision}")
+                return True
+            except Exception as e:  # network, server or auth: report, back off, retry
+                first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+                self._say(f"hub: push of {revision} failed (attempt {attempt}/{self.retries}): "
+                          f"{first}")
+                if attempt < self.retries:
+                    time.sleep(self.backoff_s * 2 ** (attempt - 1))
+        self._say(f"hub: could not push {revision}; it will be tried again with the next push")
+        return False
+
+    def _push_once(self, folder: str, revision: str, message: str, final: bool) -> None:
+        if not self._repo_ready:
+            self.api.create_repo(self.repo_id, private=self.private, exist_ok=True)
+            self._repo_ready = True
+        if revision != "main":
+            self.api.create_branch(self.repo_id, branch=revision, exist_ok=True)
+        self.api.upload_folder(folder_path=folder, repo_id=self.repo_id, revision=revision,
+                               commit_message=message,
+                               ignore_patterns=FINAL_IGNORE if final else CHECKPOINT_IGNORE)
 
 
 def model_card(run: dict) -> str:
@@ -19,7 +105,9 @@ def model_card(run: dict) -> str:
     loss = f"{eval_loss:.4f}" if eval_loss is not None else "n/a"
     hub_dataset = ds.get("dataset_name") if not ds.get("train_files") and ds.get("dataset_name") \
         and "/" in ds["dataset_name"] and not ds["dataset_name"].startswith(("/", ".")) else None
+    license_ = run["training"].get("license")
     meta = ["---", "library_name: transformers", "pipeline_tag: text-generation",
+            *([f"license: {license_}"] if license_ else []),
             "tags:", "- gpt2", "- causal-lm", "- pretraining"]
     if hub_dataset:
         meta += ["datasets:", f"- {hub_dataset}"]
@@ -50,7 +138,7 @@ trained from {'`' + run['model'].get('model_name_or_path') + '`' if run['model']
 
 ```python
 from transformers import pipeline
-generator = pipeline("text-generation", model="PATH_OR_REPO")
+generator = pipeline("text-generation", model="{run['training'].get('hub_model_id') or run['training']['output_dir']}")
 print(generator("The", max_new_tokens=40, do_sample=True)[0]["generated_text"])
 ```
 
