@@ -75,3 +75,22 @@ def tokenizer(tokenizer_dir):
     from clm.data import load_tokenizer
 
     return load_tokenizer(str(tokenizer_dir))
+
+
+@pytest.fixture(scope="session")
+def toy_config_dir(tmp_path_factory):
+    from transformers import GPT2Config
+
+    path = tmp_path_factory.mktemp("toy_config")
+    GPT2Config(n_layer=2, n_head=2, n_embd=64, n_positions=64, resid_pdrop=0.0, embd_pdrop=0.0,
+               attn_pdrop=0.0).save_pretrained(path)
+    return path
+
+
+@pytest.fixture(autouse=True)
+def fresh_accelerate_state():
+    """Each in-process run builds its own Accelerator, as a fresh process would."""
+    yield
+    from helpers import reset_accelerate
+
+    reset_accelerate()

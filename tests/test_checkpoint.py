@@ -14,7 +14,7 @@ import torch
 from safetensors.torch import load_file
 
 from clm import checkpoint as ckpt
-from test_train import ROOT, TYPES, fresh_accelerate_state, metrics, run, toy_args, toy_config_dir  # noqa: F401
+from helpers import ROOT, metrics, reset_accelerate, run, toy_args
 
 
 def losses(out):
@@ -220,10 +220,7 @@ def test_resumed_wandb_run_continues_the_same_run(tmp_path, args_for, monkeypatc
     saved = json.loads((ckpt.checkpoint_root(out) / "step-2" / "trainer_state.json").read_text())
     run_id = saved["tracker_id"]
     assert run_id and saved["run_config"]["training"]["save_steps"] == 2
-    from accelerate.state import AcceleratorState, GradientState
-
-    AcceleratorState._reset_state(reset_partial_state=True)
-    GradientState._reset_state()
+    reset_accelerate()
     run(args_for(out, max_steps=4, save_steps=2, dataloader_num_workers=0, report_to="wandb") +
         ["--resume_from_checkpoint", "latest"])
     runs = sorted(p.name for p in out.rglob("offline-run-*"))

@@ -9,7 +9,7 @@ import torch
 import generate
 from clm.config import run_cli
 from clm.sampling import SamplingConfig
-from test_train import ROOT, fresh_accelerate_state, run, toy_args, toy_config_dir  # noqa: F401
+from helpers import ROOT, reset_accelerate, run, toy_args
 
 
 @pytest.fixture(scope="module")
@@ -17,10 +17,7 @@ def trained(tmp_path_factory, corpus_dir, tokenizer_dir, toy_config_dir):
     out = tmp_path_factory.mktemp("gen") / "run"
     run(toy_args(corpus_dir, tokenizer_dir, toy_config_dir, out, max_steps=8, save_steps=4,
                  eval_steps=0, num_samples=0))
-    from accelerate.state import AcceleratorState, GradientState
-
-    AcceleratorState._reset_state(reset_partial_state=True)
-    GradientState._reset_state()
+    reset_accelerate()
     return out
 
 

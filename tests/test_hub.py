@@ -8,7 +8,7 @@ from pathlib import Path
 import yaml
 
 from fake_hub import FakeHub
-from test_train import ROOT, toy_args, toy_config_dir  # noqa: F401
+from helpers import ROOT, toy_args
 
 SECRET = "hf_TESTsecretTOKEN0123456789abcdef"
 
