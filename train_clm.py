@@ -23,7 +23,7 @@ def main(data_cfg: DataConfig, model_cfg: ModelConfig, train_cfg: TrainingConfig
     from accelerate.utils import set_seed
 
     from clm import checkpoint as ckpt, data, hub, loop, model as models, outputs, runtime
-    from clm.metrics import MetricsLogger
+    from clm.metrics import MetricsLogger, flat_config, wandb_run_id
 
     # --- check everything the user gave us before any work
     out = Path(train_cfg.output_dir)
@@ -75,8 +75,9 @@ def main(data_cfg: DataConfig, model_cfg: ModelConfig, train_cfg: TrainingConfig
     wandb_kwargs = {"name": run["name"], "dir": str(out)}
     if tracker_id:  # the same wandb run continues
         wandb_kwargs.update(id=tracker_id, resume="allow")
-    accelerator.init_trackers(run["name"], config=_flat(run), init_kwargs={"wandb": wandb_kwargs})
-    tracker_id = tracker_id or _wandb_id(accelerator)
+    accelerator.init_trackers(run["name"], config=flat_config(run),
+                              init_kwargs={"wandb": wandb_kwargs})
+    tracker_id = tracker_id or wandb_run_id(accelerator)
     logger = MetricsLogger(out, accelerator, train_cfg.max_steps, start_step=state.step)
     evaluate = lambda: loop.evaluate(model, heldout, train_cfg.per_device_eval_batch_size,  # noqa
                                      accelerator)
@@ -108,7 +109,8 @@ def main(data_cfg: DataConfig, model_cfg: ModelConfig, train_cfg: TrainingConfig
             print(f"stopped by {stop.signal_name} at step {state.step}: checkpoint saved in "
                   f"{ckpt.checkpoint_root(out)}/step-{state.step}. To continue, run the same "
                   "command with --resume_from_checkpoint latest")
-        _finish_pushes(pusher, timeout=120)
+        if pusher:
+            pusher.finish_and_report(timeout=120)
         accelerator.end_training()
         return {**run, "stopped": stop.signal_name}
 
@@ -128,32 +130,9 @@ def main(data_cfg: DataConfig, model_cfg: ModelConfig, train_cfg: TrainingConfig
               f"print(pipeline('text-generation', '{out}')('The')[0]['generated_text'])\"")
         if pusher:
             pusher.push(out, "main", f"final model at step {state.step}", final=True)
-            _finish_pushes(pusher)
+            pusher.finish_and_report()
     accelerator.end_training()
     return run
-
-
-def _finish_pushes(pusher, timeout: float | None = None) -> None:
-    if pusher is None:
-        return
-    if pusher.finish(timeout):
-        print(f"hub: everything is pushed to {pusher.repo_id}")
-    else:
-        left = ", ".join(j[1] for j in pusher.pending) or "a push still running"
-        print(f"hub: not pushed: {left} (the files are in the output folder; push them with "
-              f"`hf upload {pusher.repo_id} FOLDER`)")
-
-
-def _wandb_id(accelerator) -> str | None:
-    try:
-        return accelerator.get_tracker("wandb", unwrap=True).id
-    except Exception:  # wandb not in use
-        return None
-
-
-def _flat(run: dict) -> dict:
-    return {f"{group}.{k}": v for group in ("data", "model", "training")
-            for k, v in run[group].items() if isinstance(v, (int, float, str, bool))}
 
 
 if __name__ == "__main__":

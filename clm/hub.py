@@ -52,6 +52,16 @@ class HubPusher:
         self._thread.join(timeout)
         return not self._thread.is_alive() and not self.pending
 
+    def finish_and_report(self, timeout: float | None = None) -> bool:
+        ok = self.finish(timeout)
+        if ok:
+            self._say(f"hub: everything is pushed to {self.repo_id}")
+        else:
+            left = ", ".join(j[1] for j in self.pending) or "a push still running"
+            self._say(f"hub: not pushed: {left} (the files are in the output folder; push them "
+                      f"with `hf upload {self.repo_id} FOLDER`)")
+        return ok
+
     def _say(self, message: str) -> None:
         if self._secret:
             message = message.replace(self._secret, "***")
