@@ -32,7 +32,9 @@ def load_training_weights(checkpoint: Path):
                          "DeepSpeed/FSDP states are not supported by this exporter yet)")
     config = AutoConfig.from_pretrained(checkpoint)
     model = AutoModelForCausalLM.from_config(config)
-    missing, unexpected = model.load_state_dict(load_file(weights), strict=False)
+    # a run with --torch_compile may have saved the compiled wrapper's names
+    state = {k.removeprefix("_orig_mod."): v for k, v in load_file(weights).items()}
+    missing, unexpected = model.load_state_dict(state, strict=False)
     tied = {"lm_head.weight"} if config.tie_word_embeddings else set()
     if set(missing) - tied or unexpected:
         raise UsageError(f"checkpoint {checkpoint} does not match its config: missing "

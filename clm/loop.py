@@ -159,8 +159,9 @@ def train(cfg: TrainingConfig, accelerator, model, optimizer, batches, state: Lo
                       "loss": loss if finite else None, "lr": lr,
                       "grad_norm": grad_norm if math.isfinite(grad_norm) else None,
                       "tokens_per_sec": round(tps, 1), "elapsed_s": round(state.elapsed_s, 3)}
-            if flops_per_token and peak_flops:
-                record["mfu"] = round(flops_per_token * tps / (peak_flops * _dist_world()), 4)
+            # model FLOPs utilisation per device; None where the peak is unknown (CPUs)
+            record["mfu"] = round(flops_per_token * tps / (peak_flops * _dist_world()), 4) \
+                if flops_per_token and peak_flops else None
             if not finite:
                 record["skipped"] = True
             logger.log_train(record)

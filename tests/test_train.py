@@ -29,7 +29,8 @@ def test_end_to_end_outputs_and_pipeline(tmp_path, corpus_dir, tokenizer_dir, to
     assert train[-1]["tokens"] == 6 * 4 * 32
     for r in train:
         assert set(r) >= {"step", "tokens", "loss", "lr", "grad_norm", "tokens_per_sec",
-                          "elapsed_s"}
+                          "elapsed_s", "mfu"}
+        assert r["mfu"] is None, "no peak FLOP/s is known for a CPU"
     assert evals[-1]["eval_loss"] < evals[0]["eval_loss"]
     assert math.isclose(evals[-1]["eval_ppl"], math.exp(evals[-1]["eval_loss"]))
     cfg = yaml.safe_load((out / "run_config.yaml").read_text())
@@ -250,3 +251,13 @@ def test_bf16_autocast_and_wandb_offline(tmp_path, corpus_dir, tokenizer_dir, to
     assert all(t.dtype == torch.float32 for t in load_file(out / "model.safetensors").values()), \
         "master weights stay fp32 under bf16 autocast"
     assert list(out.rglob("offline-run-*")), "wandb wrote an offline run"
+
+
+def test_torch_compile_trains(tmp_path, corpus_dir, tokenizer_dir, toy_config_dir):
+    out = tmp_path / "compiled"
+    result = run(toy_args(corpus_dir, tokenizer_dir, toy_config_dir, out, max_steps=2,
+                          eval_steps=0, num_samples=1, torch_compile="true"))
+    assert math.isfinite(result["final_eval_loss"])
+    from transformers import AutoModelForCausalLM
+
+    AutoModelForCausalLM.from_pretrained(out)  # saved without torch.compile's wrapper names
