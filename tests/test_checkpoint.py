@@ -226,3 +226,15 @@ def test_resumed_wandb_run_continues_the_same_run(tmp_path, args_for, monkeypatc
     runs = sorted(p.name for p in out.rglob("offline-run-*"))
     assert len(runs) == 2 and all(r.endswith(run_id) for r in runs), runs
     assert sorted(losses(out)) == [1, 2, 3, 4]
+
+
+def test_sigint_is_a_stop_request_like_sigterm():
+    from clm.runtime import StopRequest
+
+    before = signal.getsignal(signal.SIGINT)
+    with StopRequest() as stop:
+        assert not stop.requested("cpu")
+        os.kill(os.getpid(), signal.SIGINT)  # Ctrl-C: no KeyboardInterrupt mid-step
+        time.sleep(0.05)
+        assert stop.requested("cpu") and stop.signal_name == "SIGINT"
+    assert signal.getsignal(signal.SIGINT) is before, "handlers are restored"
