@@ -24,6 +24,7 @@ length is set by `max_steps`, not by the data.
 from __future__ import annotations
 
 import copy
+import functools
 import glob
 import hashlib
 import os
@@ -66,13 +67,18 @@ def resolve_files(patterns: list[str] | str, option: str) -> tuple[list[str], st
 def dataset_has_split(cfg: DataConfig, split: str) -> bool:
     if cfg.train_files:
         return False
+    return split in _split_names(cfg.dataset_name, cfg.dataset_config_name, cfg.dataset_revision)
+
+
+@functools.lru_cache(maxsize=None)
+def _split_names(name: str, config: str | None, revision: str | None) -> tuple[str, ...]:
+    """A Hub request: asked once per dataset per process (training and held-out both need it)."""
     from datasets import get_dataset_split_names
 
     try:
-        return split in get_dataset_split_names(cfg.dataset_name, cfg.dataset_config_name,
-                                                revision=cfg.dataset_revision)
+        return tuple(get_dataset_split_names(name, config, revision=revision))
     except Exception:  # unreachable Hub: the training split's own load reports it
-        return False
+        return ()
 
 
 def open_source(cfg: DataConfig, split: str = "train"):

@@ -22,6 +22,7 @@ import torch
 import torch.nn.functional as F
 
 from .config import TrainingConfig
+from .runtime import dist_info
 
 
 @dataclass
@@ -58,14 +59,9 @@ def make_optimizer(model, cfg: TrainingConfig) -> torch.optim.AdamW:
 
 
 def _all_reduce_sum(accelerator, tensor: torch.Tensor) -> torch.Tensor:
-    if accelerator.num_processes > 1 or _dist_world() > 1:
+    if dist_info()[1] > 1:
         torch.distributed.all_reduce(tensor)
     return tensor
-
-
-def _dist_world() -> int:
-    d = torch.distributed
-    return d.get_world_size() if d.is_available() and d.is_initialized() else 1
 
 
 def token_nll(model, batch) -> torch.Tensor:
@@ -86,7 +82,7 @@ def forward_backward(model, micro_batches, accelerator) -> tuple[float, int, int
                            sum(int(b["attention_mask"].sum()) for b in micro_batches)],
                           dtype=torch.float64, device=device)
     labels, tokens = _all_reduce_sum(accelerator, counts).tolist()
-    world = _dist_world()
+    world = dist_info()[1]
     total = torch.zeros((), dtype=torch.float64, device=device)
     for i, batch in enumerate(micro_batches):
         last = i == len(micro_batches) - 1
@@ -104,7 +100,7 @@ def evaluate(model, blocks: torch.Tensor | None, batch_size: int, accelerator) -
     """Token-weighted mean NLL over this rank's share of the held-out blocks, summed over ranks."""
     if blocks is None:
         return None
-    rank, world = (torch.distributed.get_rank(), _dist_world()) if _dist_world() > 1 else (0, 1)
+    rank, world = dist_info()
     mine = blocks[rank::world]
     sums = torch.zeros(2, dtype=torch.float64, device=accelerator.device)
     model.eval()
@@ -160,7 +156,7 @@ def train(cfg: TrainingConfig, accelerator, model, optimizer, batches, state: Lo
                       "grad_norm": grad_norm if math.isfinite(grad_norm) else None,
                       "tokens_per_sec": round(tps, 1), "elapsed_s": round(state.elapsed_s, 3)}
             # model FLOPs utilisation per device; None where the peak is unknown (CPUs)
-            record["mfu"] = round(flops_per_token * tps / (peak_flops * _dist_world()), 4) \
+            record["mfu"] = round(flops_per_token * tps / (peak_flops * dist_info()[1]), 4) \
                 if flops_per_token and peak_flops else None
             if not finite:
                 record["skipped"] = True
