@@ -4,6 +4,7 @@
     python train_clm.py --config configs/demo_cpu.yaml --resume_from_checkpoint latest  # continue it
     torchrun --standalone --nproc_per_node 2 train_clm.py --config configs/demo_cpu.yaml --output_dir outputs/ddp
     accelerate launch --config_file accelerate_configs/multi_gpu.yaml train_clm.py --config configs/gpt2_124m_owt.yaml
+    accelerate launch --config_file accelerate_configs/deepspeed_zero3.yaml train_clm.py --config configs/gpt2_124m_owt.yaml
 
 Every option can come from `--config FILE.yaml` and be overridden on the command line; see
 `--help`. The output folder is a plain Hugging Face model folder plus metrics.jsonl,
@@ -60,6 +61,7 @@ def main(data_cfg: DataConfig, model_cfg: ModelConfig, train_cfg: TrainingConfig
     if train_cfg.torch_compile:
         model = torch.compile(model)
     model, optimizer = accelerator.prepare(model, optimizer)
+    run["distributed"] = runtime.describe(accelerator)
     state, tracker_id = loop.LoopState(), None
     if resume:
         saved = ckpt.load_checkpoint(accelerator, resume, batches)
@@ -120,9 +122,10 @@ def main(data_cfg: DataConfig, model_cfg: ModelConfig, train_cfg: TrainingConfig
         if accelerator.is_main_process else []
     run.update(final_eval_loss=evals[-1]["eval_loss"] if evals else None,
                first_eval_loss=evals[0]["eval_loss"] if evals else None)
+    final_model = ckpt.full_model(accelerator, model)  # collective under ZeRO-3
     if accelerator.is_main_process:
-        samples = outputs.finish_run(train_cfg.output_dir, accelerator.unwrap_model(model),
-                                     tokenizer, run, train_cfg)
+        samples = outputs.finish_run(train_cfg.output_dir, final_model, tokenizer, run,
+                                     train_cfg)
         for text in samples:
             print(f"--- sample\n{text}")
         print(f"\nfinal eval loss {run['final_eval_loss']}, model saved to {out}\n"

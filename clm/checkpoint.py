@@ -24,7 +24,7 @@ from pathlib import Path
 import torch
 
 from .config import UsageError
-from .runtime import dist_info
+from .runtime import dist_info, zero_stage
 
 MANIFEST = "manifest.json"
 
@@ -52,6 +52,29 @@ def save_model_folder(model, tokenizer, dest: str | Path) -> Path:
         os.replace(f, dest / f.name)
     tmp.rmdir()
     return dest
+
+
+def full_model(accelerator, model):
+    """The plain model with every weight, on the main process (None on the others).
+
+    Every rank must call it: under ZeRO-3 each rank holds a slice of each weight, so they are
+    gathered collectively and loaded into a fresh copy of the model on the main process.
+    """
+    inner = accelerator.unwrap_model(model)
+    if zero_stage(accelerator) != 3:
+        return inner if accelerator.is_main_process else None
+    state = accelerator.get_state_dict(model)
+    if not accelerator.is_main_process:
+        return None
+    plain = type(inner)(inner.config)
+    missing, unexpected = plain.load_state_dict(state, strict=False)
+    tied = {"lm_head.weight"} if inner.config.tie_word_embeddings else set()
+    if set(missing) - tied or unexpected:
+        raise RuntimeError(f"gathered ZeRO-3 weights do not match the model: missing "
+                           f"{sorted(set(missing) - tied)}, unexpected {sorted(unexpected)}")
+    plain.tie_weights()
+    plain.generation_config = inner.generation_config
+    return plain
 
 
 def _fsync(path: Path) -> None:
@@ -177,12 +200,13 @@ def save_checkpoint(accelerator, model, tokenizer, loader, state, meta: dict,
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
     accelerator.wait_for_everyone()
+    plain = full_model(accelerator, model)
     error = None
     try:
         accelerator.save_state(str(tmp / "state"), safe_serialization=True)
         _write_json(tmp / "state" / f"data_rank{_rank()}.json", loader.state_dict())
         if main:
-            save_model_folder(accelerator.unwrap_model(model), tokenizer, tmp)
+            save_model_folder(plain, tokenizer, tmp)
             _write_json(tmp / "trainer_state.json",
                         {"loop": dataclasses.asdict(state), **meta})
     except OSError as e:

@@ -10,6 +10,7 @@ Each field's help text lives in its `metadata` and shows in `--help`; checks liv
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from dataclasses import dataclass, field, fields
 from pathlib import Path
@@ -142,6 +143,10 @@ class TrainingConfig:
     mixed_precision: str = _help("no, bf16 (autocast, fp32 master weights) or fp16.",
                                  default="no")
     torch_compile: bool = _help("Compile the model with torch.compile.", default=False)
+    deepspeed: Optional[str] = _help(
+        "DeepSpeed JSON config (ds_configs/zero3.json, ...); its \"auto\" values are filled from "
+        "this run's options. `accelerate launch --config_file accelerate_configs/deepspeed_*.yaml` "
+        "sets it too.", default=None)
     max_bad_steps: int = _help("Stop after this many optimizer steps in a row with a NaN/inf "
                                "loss or gradient (each one is skipped).", default=5)
     report_to: str = _help("none, wandb, tensorboard or all (through Accelerate's trackers).",
@@ -192,6 +197,9 @@ class TrainingConfig:
                              "(choose none, wandb, tensorboard or all)")
         if self.max_bad_steps < 1:
             raise UsageError("--max_bad_steps must be >= 1")
+        if self.deepspeed and not os.path.isfile(self.deepspeed):
+            raise UsageError(f"--deepspeed {self.deepspeed}: no such file (pass a JSON config such "
+                             "as ds_configs/zero2.json)")
 
 
 def _one_line_error(message: str) -> None:

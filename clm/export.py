@@ -4,7 +4,10 @@
 
 The weights are read from the checkpoint's training state (`state/`, what a resume loads), not
 copied from the HF files beside it, so the export is exactly the model training would continue
-from. The folder gets the checkpoint's config, generation config and tokenizer.
+from: `state/model.safetensors` for DDP and single-process runs, and for DeepSpeed ZeRO-1/2/3
+the fp32 master weights, whose partitions (one file per rank) are gathered back into whole
+tensors by DeepSpeed's own reader. No GPU or process group is needed for either. The folder
+gets the checkpoint's config, generation config and tokenizer.
 """
 
 from __future__ import annotations
@@ -17,6 +20,25 @@ from .checkpoint import save_model_folder, verify
 from .config import UsageError
 
 
+ZERO_TAG = "pytorch_model"  # the tag Accelerate's save_state gives DeepSpeed checkpoints
+
+
+def _zero_weights(state_dir: Path) -> dict:
+    """fp32 weights of a DeepSpeed ZeRO checkpoint, its per-rank partitions joined."""
+    import os
+
+    os.environ.setdefault("DS_ACCELERATOR", "cuda" if _has_cuda() else "cpu")
+    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+    return get_fp32_state_dict_from_zero_checkpoint(str(state_dir), tag=ZERO_TAG)
+
+
+def _has_cuda() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
+
+
 def load_training_weights(checkpoint: Path):
     """The model of a checkpoint, built from its config and its training-state weights."""
     from safetensors.torch import load_file
@@ -26,14 +48,19 @@ def load_training_weights(checkpoint: Path):
     if problem:
         raise UsageError(f"checkpoint {checkpoint} is damaged: {problem} (export an earlier "
                          "checkpoint)")
-    weights = checkpoint / "state" / "model.safetensors"
-    if not weights.is_file():
-        raise UsageError(f"checkpoint {checkpoint} has no state/model.safetensors (sharded "
-                         "DeepSpeed/FSDP states are not supported by this exporter yet)")
+    state_dir = checkpoint / "state"
+    if (state_dir / "model.safetensors").is_file():
+        state = load_file(state_dir / "model.safetensors")
+    elif list(state_dir.glob(f"{ZERO_TAG}/*_model_states.pt")):
+        state = _zero_weights(state_dir)
+    else:
+        raise UsageError(f"checkpoint {checkpoint} has neither state/model.safetensors nor "
+                         f"DeepSpeed state/{ZERO_TAG}/ files (FSDP states are not supported by "
+                         "this exporter)")
     config = AutoConfig.from_pretrained(checkpoint)
     model = AutoModelForCausalLM.from_config(config)
     # a run with --torch_compile may have saved the compiled wrapper's names
-    state = {k.removeprefix("_orig_mod."): v for k, v in load_file(weights).items()}
+    state = {k.removeprefix("_orig_mod."): v for k, v in state.items()}
     missing, unexpected = model.load_state_dict(state, strict=False)
     tied = {"lm_head.weight"} if config.tie_word_embeddings else set()
     if set(missing) - tied or unexpected:

@@ -4,7 +4,7 @@
 
 A batch is `input_ids`, `attention_mask`, `labels` (-100 where there is no loss). Each optimizer
 step draws `gradient_accumulation_steps` micro-batches, counts their label tokens on every rank,
-and scales each micro-batch's summed NLL by world_size / (global label tokens): after DDP's
+and scales each micro-batch's summed NLL by world_size / (global label tokens): after DDP's (or ZeRO's)
 average over ranks the gradient is exactly that of the mean loss over every label token of the
 step, however the step is split into micro-batches and ranks. The learning rate is a function of
 the optimizer step (warmup then cosine to min_lr), set on the optimizer directly, so no
@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 
 from .config import TrainingConfig
-from .runtime import dist_info
+from .runtime import dist_info, is_deepspeed
 
 
 @dataclass
@@ -84,12 +84,21 @@ def forward_backward(model, micro_batches, accelerator) -> tuple[float, int, int
     labels, tokens = _all_reduce_sum(accelerator, counts).tolist()
     world = dist_info()[1]
     total = torch.zeros((), dtype=torch.float64, device=device)
+    deepspeed = is_deepspeed(accelerator)
     for i, batch in enumerate(micro_batches):
         last = i == len(micro_batches) - 1
-        # Only the last micro-batch all-reduces gradients across ranks.
-        with nullcontext() if last else accelerator.no_sync(model):
+        scale = world / max(labels, 1)
+        if deepspeed:
+            # The engine would divide by its accumulation steps again, and Accelerate's wrapper
+            # would step it after every micro-batch; the loss is already normalised.
+            model.set_gradient_accumulation_boundary(last)
             nll = token_nll(model, batch)
-            accelerator.backward(nll * (world / max(labels, 1)))
+            model.backward(nll * scale, scale_wrt_gas=False)
+        else:
+            # Only the last micro-batch all-reduces gradients across ranks.
+            with nullcontext() if last else accelerator.no_sync(model):
+                nll = token_nll(model, batch)
+                accelerator.backward(nll * scale)
         total += nll.detach().double()
     loss = _all_reduce_sum(accelerator, total).item() / max(labels, 1)
     return loss, int(labels), int(tokens)
@@ -102,14 +111,21 @@ def evaluate(model, blocks: torch.Tensor | None, batch_size: int, accelerator) -
         return None
     rank, world = dist_info()
     mine = blocks[rank::world]
+    # Every rank runs the same number of forward passes (ZeRO-3 gathers weights collectively in
+    # each one); a rank whose share is shorter runs its last ones on a block it does not count.
+    passes = math.ceil(math.ceil(len(blocks) / world) / batch_size)
+    chunks = list(mine.split(batch_size))
     sums = torch.zeros(2, dtype=torch.float64, device=accelerator.device)
     model.eval()
-    for chunk in mine.split(batch_size):
-        chunk = chunk.to(accelerator.device)
+    for i in range(passes):
+        counted = i < len(chunks)
+        chunk = (chunks[i] if counted else blocks[:1]).to(accelerator.device)
         batch = {"input_ids": chunk, "attention_mask": torch.ones_like(chunk), "labels": chunk}
         with accelerator.autocast():
-            sums[0] += token_nll(model, batch).double()
-        sums[1] += chunk[:, 1:].numel()
+            nll = token_nll(model, batch).double()
+        if counted:
+            sums[0] += nll
+            sums[1] += chunk[:, 1:].numel()
     model.train()
     total, count = _all_reduce_sum(accelerator, sums).tolist()
     return total / count
@@ -133,16 +149,12 @@ def train(cfg: TrainingConfig, accelerator, model, optimizer, batches, state: Lo
             group["lr"] = lr
         micro = [next(data) for _ in range(cfg.gradient_accumulation_steps)]
         loss, _, tokens = forward_backward(model, micro, accelerator)
-        grad_norm = _clip(accelerator, model, cfg.max_grad_norm)
-        # Under fp16 the grad scaler skips overflowing steps itself; those are not bad steps.
-        finite = math.isfinite(loss) and (math.isfinite(grad_norm) or cfg.mixed_precision == "fp16")
+        grad_norm, finite = _optimizer_step(accelerator, model, optimizer, cfg, loss)
         if finite:
-            optimizer.step()
             state.bad_steps = 0
-        else:  # skip the update: one bad batch must not poison the weights
+        else:
             state.bad_steps += 1
             state.skipped += 1
-        optimizer.zero_grad(set_to_none=True)
         state.step += 1
         state.tokens += tokens
         window_tokens += tokens
@@ -178,6 +190,27 @@ def train(cfg: TrainingConfig, accelerator, model, optimizer, batches, state: Lo
                 save_fn(state)
             break
     return state
+
+
+def _optimizer_step(accelerator, model, optimizer, cfg: TrainingConfig,
+                    loss: float) -> tuple[float, bool]:
+    """Clip and step unless the loss or gradient is non-finite; returns (grad norm, stepped)."""
+    if is_deepspeed(accelerator):
+        # The engine clips (gradient_clipping = --max_grad_norm), steps and zeroes the
+        # gradients itself; only its fp16 loss scaler skips overflowing steps, so under bf16/fp32
+        # a non-finite step is counted and --max_bad_steps stops the run, but not undone.
+        model.step()
+        norm = model.get_global_grad_norm()
+        grad_norm = float(norm) if norm is not None else float("nan")
+        return grad_norm, math.isfinite(loss) and math.isfinite(grad_norm)
+    grad_norm = _clip(accelerator, model, cfg.max_grad_norm)
+    # Under fp16 the grad scaler skips overflowing steps itself; those are not bad steps.
+    finite = math.isfinite(loss) and (math.isfinite(grad_norm) or cfg.mixed_precision == "fp16")
+    if finite:
+        optimizer.step()
+    # else skip the update: one bad batch must not poison the weights
+    optimizer.zero_grad(set_to_none=True)
+    return grad_norm, finite
 
 
 def _clip(accelerator, model, max_norm: float) -> float:

@@ -104,7 +104,8 @@ def sample_texts(model, tokenizer, prompt: str, n: int, max_new_tokens: int, see
     torch.manual_seed(seed)
     out = model.generate(ids.repeat(n, 1), attention_mask=torch.ones_like(ids).repeat(n, 1),
                          do_sample=True, top_k=50, temperature=0.8,
-                         max_new_tokens=max_new_tokens, use_cache=True)
+                         max_new_tokens=max_new_tokens, use_cache=True,
+                         synced_gpus=False)  # only this process samples, also under ZeRO-3
     model.train(was_training)
     return [tokenizer.decode(o, skip_special_tokens=True) for o in out]
 

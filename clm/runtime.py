@@ -1,16 +1,25 @@
-"""Accelerator set-up and the true (rank, world size) of this process.
+"""Accelerator set-up (DDP or DeepSpeed ZeRO) and the true (rank, world size) of this process.
 
     torchrun --standalone --nproc_per_node 2 train_clm.py --config configs/demo_cpu.yaml
+    accelerate launch --config_file accelerate_configs/deepspeed_zero3.yaml train_clm.py --config configs/gpt2_124m_owt.yaml
 
 On a machine without CUDA, `Accelerator()` under torchrun reports one non-distributed process
 and leaves the model unwrapped (no gradient sync); `Accelerator(cpu=True)` gives real gloo DDP,
 so that is what we ask for there, unless DeepSpeed or FSDP is configured (cpu=True would
-silently replace them with DDP). Ranks are read from torch.distributed, which is the truth when
-the two disagree, and a disagreement that would break training is an error.
+silently replace them with DDP). Under DeepSpeed without CUDA, Accelerate picks no backend and
+then reports one process of rank 0 on every rank, so the gloo backend is named explicitly.
+Ranks are read from torch.distributed, which is the truth when the two disagree, and a
+disagreement that would break training is an error.
+
+The DeepSpeed JSON (`--deepspeed FILE`, or the file an accelerate_configs/deepspeed_*.yaml
+names) keeps its "auto" values until here, where they are filled from the run's own options,
+so batch sizes, clipping and precision are set in one place; a value that contradicts an option
+is an error rather than a silent override.
 """
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 
@@ -29,21 +38,130 @@ def dist_info() -> tuple[int, int]:
     return 0, 1
 
 
+def _env_flag(name: str) -> bool:
+    return os.environ.get(name, "false").lower() in ("1", "true")
+
+
+def deepspeed_config_file(cfg: TrainingConfig) -> str | None:
+    """`--deepspeed`, else the JSON file `accelerate launch` passed on in the environment."""
+    if cfg.deepspeed:
+        return cfg.deepspeed
+    if _env_flag("ACCELERATE_USE_DEEPSPEED"):
+        path = os.environ.get("ACCELERATE_DEEPSPEED_CONFIG_FILE")
+        if not path or path == "none":
+            raise UsageError("Accelerate is configured for DeepSpeed without a JSON file (set "
+                             "deepspeed_config_file: ds_configs/zero2.json in the accelerate "
+                             "config, or pass --deepspeed)")
+        return path
+    return None
+
+
+def deepspeed_config(path: str, cfg: TrainingConfig, world_size: int) -> dict:
+    """The DeepSpeed JSON at `path` with its "auto" values filled from `cfg`."""
+    try:
+        config = json.loads(open(path).read())
+    except (OSError, ValueError) as e:
+        raise UsageError(f"cannot read DeepSpeed config {path}: {e} (pass a JSON file such as "
+                         "ds_configs/zero2.json)") from None
+    micro, accum = cfg.per_device_train_batch_size, cfg.gradient_accumulation_steps
+    options = {
+        "train_micro_batch_size_per_gpu": (micro, "--per_device_train_batch_size"),
+        "gradient_accumulation_steps": (accum, "--gradient_accumulation_steps"),
+        "train_batch_size": (micro * accum * world_size, "per-device batch x accumulation x "
+                             "processes"),
+        "gradient_clipping": (cfg.max_grad_norm, "--max_grad_norm"),
+    }
+    for key, (value, option) in options.items():
+        given = config.get(key, "auto")
+        if given == "auto":
+            config[key] = value
+        elif given != value:
+            raise UsageError(f"{path} sets {key}={given} but this run has {value} from {option} "
+                             f"(write \"auto\" there so that the run's options decide)")
+    for section in ("optimizer", "scheduler"):
+        if section in config:
+            raise UsageError(f"{path} has a \"{section}\" section, but the loop sets AdamW and "
+                             "the learning-rate schedule from the run's options (remove it)")
+    for dtype in ("bf16", "fp16"):
+        enabled = config.get(dtype, {}).get("enabled", "auto")
+        if enabled is True and cfg.mixed_precision != dtype:
+            raise UsageError(f"{path} enables {dtype} but --mixed_precision is "
+                             f"{cfg.mixed_precision} (write \"auto\" there, or pass "
+                             f"--mixed_precision {dtype})")
+    zero = config.setdefault("zero_optimization", {})
+    if zero.get("stage") == 3:
+        if zero.get("stage3_gather_16bit_weights_on_model_save") is False:
+            raise UsageError(f"{path} sets stage3_gather_16bit_weights_on_model_save false, but "
+                             "every checkpoint holds a loadable model folder (set it to true)")
+        zero["stage3_gather_16bit_weights_on_model_save"] = True
+    return config
+
+
+def _single_process_group_env() -> None:
+    """The variables torchrun would set, for a one-process group on a free local port."""
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", LOCAL_WORLD_SIZE="1",
+                      MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+
+
 def make_accelerator(cfg: TrainingConfig):
     from accelerate import Accelerator
+    from accelerate.utils import InitProcessGroupKwargs
 
-    plugin_env = any(os.environ.get(k, "false").lower() in ("1", "true")
-                     for k in ("ACCELERATE_USE_DEEPSPEED", "ACCELERATE_USE_FSDP"))
-    cpu = not torch.cuda.is_available() and not plugin_env
-    accelerator = Accelerator(cpu=cpu, mixed_precision=cfg.mixed_precision,
-                              log_with=TRACKERS[cfg.report_to] or None,
+    cuda = torch.cuda.is_available()
+    ds_file = deepspeed_config_file(cfg)
+    plugin, handlers = None, []
+    if ds_file:
+        if not cuda:  # DeepSpeed's own device detection would look for CUDA
+            os.environ.setdefault("DS_ACCELERATOR", "cpu")
+            handlers.append(InitProcessGroupKwargs(backend="gloo"))
+        from accelerate.utils import DeepSpeedPlugin
+
+        if "LOCAL_RANK" not in os.environ:  # plain `python`: DeepSpeed still needs a group
+            _single_process_group_env()
+        world_size = int(os.environ.get("WORLD_SIZE", "1"))
+        os.environ["ACCELERATE_USE_DEEPSPEED"] = "true"  # Accelerate reads it to start DeepSpeed
+        plugin = DeepSpeedPlugin(hf_ds_config=deepspeed_config(ds_file, cfg, world_size))
+    fsdp = _env_flag("ACCELERATE_USE_FSDP")
+    accelerator = Accelerator(cpu=not cuda and not plugin and not fsdp,
+                              mixed_precision=cfg.mixed_precision, deepspeed_plugin=plugin,
+                              kwargs_handlers=handlers, log_with=TRACKERS[cfg.report_to] or None,
                               project_dir=cfg.output_dir)
     _, world = dist_info()
-    if world != accelerator.num_processes and not plugin_env:
+    if world != accelerator.num_processes:
         raise UsageError(f"torch.distributed has {world} processes but Accelerate sees "
                          f"{accelerator.num_processes} (launch with torchrun or accelerate "
                          "launch using a multi-process config)")
     return accelerator
+
+
+def describe(accelerator) -> dict:
+    """How this run is distributed, as Accelerate and torch.distributed each see it."""
+    info = {"type": accelerator.distributed_type.value,
+            "accelerate_num_processes": accelerator.num_processes,
+            "torch_world_size": dist_info()[1], "backend": accelerator.state.backend}
+    if is_deepspeed(accelerator):
+        info["zero_stage"] = zero_stage(accelerator)
+        info["deepspeed_config"] = accelerator.state.deepspeed_plugin.deepspeed_config
+    return info
+
+
+def is_deepspeed(accelerator) -> bool:
+    from accelerate.utils import DistributedType
+
+    return accelerator.distributed_type == DistributedType.DEEPSPEED
+
+
+def zero_stage(accelerator) -> int:
+    """The ZeRO stage of a DeepSpeed run (0 without DeepSpeed)."""
+    if not is_deepspeed(accelerator):
+        return 0
+    return int(accelerator.state.deepspeed_plugin.deepspeed_config
+               .get("zero_optimization", {}).get("stage", 0))
 
 
 class StopRequest:

@@ -1,0 +1,214 @@
+"""DeepSpeed ZeRO on CPU (DS_ACCELERATOR=cpu, gloo): config filling, launch configs, real runs.
+
+The runs are real DeepSpeed engines: ZeRO-3 over two torchrun processes (compared step for step
+with DDP, checkpointed, resumed, exported from its partitions) and ZeRO-2 in one process,
+configured the way `accelerate launch` configures it (environment variables).
+"""
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+
+import pytest
+import torch
+import yaml
+from safetensors.torch import load_file
+from transformers import AutoModelForCausalLM
+
+from clm import export, runtime
+from clm.config import TrainingConfig, UsageError
+from helpers import ROOT, TYPES, metrics, run, toy_args
+
+DS_FILES = sorted((ROOT / "ds_configs").glob("*.json"))
+TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
+
+
+def train_cfg(**kw):
+    base = dict(output_dir="x", per_device_train_batch_size=4, gradient_accumulation_steps=2,
+                max_grad_norm=0.5)
+    base.update(kw)
+    return TrainingConfig(**base)
+
+
+def test_every_ds_config_is_filled_from_the_run_options():
+    assert {f.stem for f in DS_FILES} >= {"zero1", "zero2", "zero3", "zero3_offload"}
+    for f in DS_FILES:
+        config = runtime.deepspeed_config(str(f), train_cfg(), world_size=2)
+        assert config["train_micro_batch_size_per_gpu"] == 4
+        assert config["gradient_accumulation_steps"] == 2
+        assert config["train_batch_size"] == 16
+        assert config["gradient_clipping"] == 0.5
+        assert "optimizer" not in config and "scheduler" not in config
+        stage = config["zero_optimization"]["stage"]
+        assert stage == int(f.stem[4])
+        if stage == 3:
+            assert config["zero_optimization"]["stage3_gather_16bit_weights_on_model_save"]
+
+
+@pytest.mark.parametrize("change, message", [
+    ({"train_micro_batch_size_per_gpu": 3}, "sets train_micro_batch_size_per_gpu=3 but this run "
+                                            "has 4 from --per_device_train_batch_size"),
+    ({"gradient_clipping": 1.0}, "has 0.5 from --max_grad_norm"),
+    ({"optimizer": {"type": "AdamW"}}, 'has a "optimizer" section'),
+    ({"bf16": {"enabled": True}}, "enables bf16 but --mixed_precision is no"),
+    ({"zero_optimization": {"stage": 3, "stage3_gather_16bit_weights_on_model_save": False}},
+     "stage3_gather_16bit_weights_on_model_save false"),
+])
+def test_ds_config_contradictions_are_errors(tmp_path, change, message):
+    config = json.loads((ROOT / "ds_configs" / "zero3.json").read_text())
+    config.update(change)
+    path = tmp_path / "ds.json"
+    path.write_text(json.dumps(config))
+    with pytest.raises(UsageError, match="^" + str(path)) as e:
+        runtime.deepspeed_config(str(path), train_cfg(), world_size=2)
+    assert message in str(e.value) and "\n" not in str(e.value)
+
+
+def test_missing_or_broken_deepspeed_file_is_one_line_exit_2(tmp_path, capsys):
+    with pytest.raises(SystemExit) as e:
+        run(["--output_dir", str(tmp_path / "o"), "--deepspeed", str(tmp_path / "nope.json")])
+    assert e.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == [f"error: --deepspeed {tmp_path / 'nope.json'}: no such file (pass a JSON "
+                   "config such as ds_configs/zero2.json)"]
+    bad = tmp_path / "bad.json"
+    bad.write_text("{not json")
+    with pytest.raises(UsageError, match="cannot read DeepSpeed config"):
+        runtime.deepspeed_config(str(bad), train_cfg(), world_size=1)
+
+
+def launch_env(config_file):
+    """The environment `accelerate launch --config_file F` gives a DeepSpeed run."""
+    from accelerate.commands.launch import _validate_launch_command, launch_command_parser
+    from accelerate.utils.launch import prepare_deepspeed_cmd_env
+
+    args = launch_command_parser().parse_args(["--config_file", str(config_file), "train.py"])
+    args, defaults, _ = _validate_launch_command(args)
+    args.deepspeed_fields_from_accelerate_config = ",".join(defaults.deepspeed_config)
+    return prepare_deepspeed_cmd_env(args)[1]
+
+
+def test_every_accelerate_config_loads_and_names_existing_files(monkeypatch):
+    from accelerate.commands.config.config_args import load_config_from_file
+
+    files = sorted((ROOT / "accelerate_configs").glob("*.yaml"))
+    names = {f.stem for f in files}
+    assert names >= {"single_gpu", "multi_gpu", "deepspeed_zero1", "deepspeed_zero2",
+                     "deepspeed_zero3", "multi_node"}
+    for f in files:
+        config = load_config_from_file(str(f))
+        assert config.num_processes >= 1
+        if f.stem.startswith("deepspeed_zero"):
+            assert config.distributed_type.value == "DEEPSPEED"
+            env = launch_env(f)
+            assert env["ACCELERATE_USE_DEEPSPEED"] == "true"
+            for key in [k for k in os.environ if k.startswith("ACCELERATE_")]:
+                monkeypatch.delenv(key)
+            for key, value in env.items():
+                if key.startswith("ACCELERATE_"):
+                    monkeypatch.setenv(key, value)
+            path = runtime.deepspeed_config_file(TrainingConfig(output_dir="x"))
+            assert path == f"ds_configs/zero{f.stem[-1]}.json"
+            assert (ROOT / path).is_file()
+    monkeypatch.setenv("ACCELERATE_DEEPSPEED_CONFIG_FILE", "none")
+    with pytest.raises(UsageError, match="DeepSpeed without a JSON file"):
+        runtime.deepspeed_config_file(TrainingConfig(output_dir="x"))
+
+
+def train_records(out):
+    return [r for r in metrics(out) if "loss" in r]
+
+
+def eval_records(out):
+    return [r for r in metrics(out) if "eval_loss" in r]
+
+
+def logits(folder, ids):
+    model = AutoModelForCausalLM.from_pretrained(folder).eval()
+    with torch.no_grad():
+        return model(ids).logits
+
+
+def test_zero3_two_processes_match_ddp_resume_and_export(tmp_path, corpus_dir, tokenizer_dir,
+                                                         toy_config_dir):
+    kw = dict(max_steps=4, eval_steps=2, save_steps=2, gradient_accumulation_steps=2,
+              num_samples=1)
+    outs = {}
+    for name, extra in (("zero3", ["--deepspeed", str(ROOT / "ds_configs" / "zero3.json")]),
+                        ("ddp", [])):
+        out = outs[name] = tmp_path / name
+        args = toy_args(corpus_dir, tokenizer_dir, toy_config_dir, out, **kw) + extra
+        proc = subprocess.run([*TORCHRUN, str(ROOT / "train_clm.py"), *args], cwd=tmp_path,
+                              capture_output=True, text=True, timeout=600)
+        assert proc.returncode == 0, proc.stderr[-4000:]
+    z3, ddp = outs["zero3"], outs["ddp"]
+    dist = yaml.safe_load((z3 / "run_config.yaml").read_text())["distributed"]
+    assert dist["type"] == "DEEPSPEED" and dist["zero_stage"] == 3
+    assert dist["accelerate_num_processes"] == 2 and dist["torch_world_size"] == 2
+    assert dist["deepspeed_config"]["train_batch_size"] == 2 * 4 * 2
+    # the same global batches, so the same losses: the ranks read disjoint shards, as under DDP
+    a, b = train_records(z3), train_records(ddp)
+    assert [r["step"] for r in a] == [1, 2, 3, 4] and [r["tokens"] for r in a] == \
+        [r["tokens"] for r in b]
+    assert [r["loss"] for r in a] == pytest.approx([r["loss"] for r in b], rel=1e-5)
+    assert [r["grad_norm"] for r in a] == pytest.approx([r["grad_norm"] for r in b], rel=1e-4)
+    assert [r["eval_loss"] for r in eval_records(z3)] == pytest.approx(
+        [r["eval_loss"] for r in eval_records(ddp)], rel=1e-5)
+    ckpt = z3 / "checkpoints" / "step-4"
+    states = [json.loads((ckpt / "state" / f"data_rank{r}.json").read_text()) for r in (0, 1)]
+    assert states[0] != states[1], "each rank has its own place in its own shard"
+    partitions = sorted(p.name for p in (ckpt / "state" / "pytorch_model").iterdir())
+    assert [p for p in partitions if p.endswith("optim_states.pt")] == [
+        "zero_pp_rank_0_mp_rank_00_optim_states.pt", "zero_pp_rank_1_mp_rank_00_optim_states.pt"]
+    final, ref = load_file(z3 / "model.safetensors"), load_file(ddp / "model.safetensors")
+    for key, value in ref.items():
+        torch.testing.assert_close(final[key], value, rtol=1e-4, atol=1e-5)
+
+    # export gathers the fp32 partitions; the checkpoint's HF folder was gathered from the live
+    # model, so the two must agree, and with the final folder (the same step)
+    exported = export.export(ckpt, tmp_path / "exported")
+    ids = torch.randint(0, 300, (2, 16), generator=torch.Generator().manual_seed(0))
+    torch.testing.assert_close(logits(exported, ids), logits(ckpt, ids), rtol=0, atol=0)
+    torch.testing.assert_close(logits(exported, ids), logits(z3, ids), rtol=0, atol=0)
+
+    # exact resume from the step-2 partitions
+    resumed = tmp_path / "resumed"
+    shutil.copytree(z3, resumed)
+    shutil.rmtree(resumed / "checkpoints" / "step-4")
+    args = toy_args(corpus_dir, tokenizer_dir, toy_config_dir, resumed, **kw) + [
+        "--deepspeed", str(ROOT / "ds_configs" / "zero3.json"), "--resume_from_checkpoint",
+        "latest"]
+    proc = subprocess.run([*TORCHRUN, str(ROOT / "train_clm.py"), *args], cwd=tmp_path,
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    assert "resumed from" in proc.stdout and "at step 2" in proc.stdout
+    strip = lambda rs: [{k: v for k, v in r.items() if k not in ("tokens_per_sec", "elapsed_s")}  # noqa
+                        for r in rs]
+    assert strip(train_records(resumed)) == strip(train_records(z3))
+    assert eval_records(resumed) == eval_records(z3)
+
+
+def test_zero2_one_process_launched_like_accelerate_matches_plain_run(
+        tmp_path, corpus_dir, tokenizer_dir, toy_config_dir):
+    kw = dict(max_steps=3, eval_steps=3, save_steps=3, num_samples=0)
+    plain = tmp_path / "plain"
+    run(toy_args(corpus_dir, tokenizer_dir, toy_config_dir, plain, **kw))
+    env = {k: v for k, v in os.environ.items() if not k.startswith("ACCELERATE_")}
+    env.update(launch_env(ROOT / "accelerate_configs" / "deepspeed_zero2.yaml"))
+    for key in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
+        env.pop(key, None)  # plain `python`: the run makes its own one-process group
+    z2 = tmp_path / "zero2"
+    proc = subprocess.run([sys.executable, str(ROOT / "train_clm.py"),
+                           *toy_args(corpus_dir, tokenizer_dir, toy_config_dir, z2, **kw)],
+                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    dist = yaml.safe_load((z2 / "run_config.yaml").read_text())["distributed"]
+    assert dist["type"] == "DEEPSPEED" and dist["zero_stage"] == 2
+    assert dist["accelerate_num_processes"] == dist["torch_world_size"] == 1
+    assert [r["loss"] for r in train_records(z2)] == pytest.approx(
+        [r["loss"] for r in train_records(plain)], rel=1e-5)
+    exported = export.export(z2 / "checkpoints" / "step-3", tmp_path / "exported")
+    ids = torch.randint(0, 300, (1, 12), generator=torch.Generator().manual_seed(1))
+    torch.testing.assert_close(logits(exported, ids), logits(z2, ids), rtol=0, atol=0)
