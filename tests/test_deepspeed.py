@@ -19,7 +19,7 @@ from transformers import AutoModelForCausalLM
 
 from clm import export, runtime
 from clm.config import TrainingConfig, UsageError
-from helpers import ROOT, TYPES, metrics, run, toy_args
+from helpers import ROOT, metrics, run, toy_args
 
 DS_FILES = sorted((ROOT / "ds_configs").glob("*.json"))
 TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
