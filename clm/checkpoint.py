@@ -6,7 +6,7 @@
 `checkpoints/step-<N>/` holds a plain Hugging Face model folder at its top (so `pipeline()` and
 `generate.py` load it directly) and, under `state/`, everything else a run needs to continue
 exactly: model and optimizer (and grad scaler) through `Accelerator.save_state`, which is also
-what DeepSpeed and FSDP plug into, each rank's RNG states, each rank's data-pipeline state, and
+what DeepSpeed plugs into, each rank's RNG states, each rank's data-pipeline state, and
 `trainer_state.json` (the loop's counters, the tracker's run id, and what must match on resume).
 It is written under `.step-<N>.tmp`, flushed, listed with its file sizes in `manifest.json`
 and only then renamed into place; `latest` is the newest checkpoint whose manifest checks out.

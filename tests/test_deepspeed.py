@@ -212,3 +212,9 @@ def test_zero2_one_process_launched_like_accelerate_matches_plain_run(
     exported = export.export(z2 / "checkpoints" / "step-3", tmp_path / "exported")
     ids = torch.randint(0, 300, (1, 12), generator=torch.Generator().manual_seed(1))
     torch.testing.assert_close(logits(exported, ids), logits(z2, ids), rtol=0, atol=0)
+
+
+def test_fsdp_is_refused_with_a_pointer_to_zero3(monkeypatch):
+    monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")
+    with pytest.raises(UsageError, match="FSDP is not supported yet .*deepspeed_zero3.yaml"):
+        runtime.make_accelerator(TrainingConfig(output_dir="x"))
