@@ -4,11 +4,12 @@
 
 A batch is `input_ids`, `attention_mask`, `labels` (-100 where there is no loss). Each optimizer
 step draws `gradient_accumulation_steps` micro-batches, counts their label tokens on every rank,
-and scales each micro-batch's summed NLL by world_size / (global label tokens): after DDP's (or ZeRO's)
-average over ranks the gradient is exactly that of the mean loss over every label token of the
-step, however the step is split into micro-batches and ranks. The learning rate is a function of
-the optimizer step (warmup then cosine to min_lr), set on the optimizer directly, so no
-scheduler object steps once per process behind our back.
+and scales each micro-batch's summed NLL by world_size / (global label tokens): after DDP's or
+ZeRO's average over ranks the gradient is exactly that of the mean loss over every label token
+of the step, however the step is split into micro-batches and ranks. The learning rate is a
+function of the optimizer step (warmup then cosine to min_lr), set on the optimizer directly, so
+no scheduler object steps once per process behind our back. Under DeepSpeed the engine is given
+the same normalised loss and does the clipping and the step.
 """
 
 from __future__ import annotations
@@ -170,6 +171,8 @@ def train(cfg: TrainingConfig, accelerator, model, optimizer, batches, state: Lo
             # model FLOPs utilisation per device; None where the peak is unknown (CPUs)
             record["mfu"] = round(flops_per_token * tps / (peak_flops * dist_info()[1]), 4) \
                 if flops_per_token and peak_flops else None
+            if accelerator.device.type == "cuda":  # this rank's peak, since the start
+                record["max_memory_gb"] = round(torch.cuda.max_memory_allocated() / 2**30, 3)
             if not finite:
                 record["skipped"] = True
             logger.log_train(record)
@@ -200,9 +203,9 @@ def _optimizer_step(accelerator, model, optimizer, cfg: TrainingConfig,
         # gradients itself; only its fp16 loss scaler skips overflowing steps, so under bf16/fp32
         # a non-finite step is counted and --max_bad_steps stops the run, but not undone.
         model.step()
-        norm = model.get_global_grad_norm()
-        grad_norm = float(norm) if norm is not None else float("nan")
-        return grad_norm, math.isfinite(loss) and math.isfinite(grad_norm)
+        norm = model.get_global_grad_norm()  # None where the engine did not compute one
+        grad_norm = float("nan") if norm is None else float(norm)
+        return grad_norm, math.isfinite(loss) and (norm is None or math.isfinite(grad_norm))
     grad_norm = _clip(accelerator, model, cfg.max_grad_norm)
     # Under fp16 the grad scaler skips overflowing steps itself; those are not bad steps.
     finite = math.isfinite(loss) and (math.isfinite(grad_norm) or cfg.mixed_precision == "fp16")
