@@ -33,6 +33,7 @@ bench: setup tokenizer
 	$(PY) bench/data_throughput.py
 	$(PY) bench/baseline_loop.py --config configs/demo_cpu.yaml --max_steps 100
 	$(PY) bench/checkpoint_io.py
+	$(PY) bench/zero_stages.py
 
 test: setup
 	$(PY) -m pytest -q
