@@ -118,7 +118,7 @@ def model_card(run: dict) -> str:
     license_ = run["training"].get("license")
     meta = ["---", "library_name: transformers", "pipeline_tag: text-generation",
             *([f"license: {license_}"] if license_ else []),
-            "tags:", "- gpt2", "- causal-lm", "- pretraining"]
+            "tags:", "- gpt2", "- causal-lm", f"- {run.get('task', 'pretraining')}"]
     if hub_dataset:
         meta += ["datasets:", f"- {hub_dataset}"]
     meta.append("---")

@@ -106,30 +106,39 @@ def forward_backward(model, micro_batches, accelerator) -> tuple[float, int, int
 
 
 @torch.no_grad()
-def evaluate(model, blocks: torch.Tensor | None, batch_size: int, accelerator) -> float | None:
-    """Token-weighted mean NLL over this rank's share of the held-out blocks, summed over ranks."""
-    if blocks is None:
+def evaluate(model, heldout, batch_size: int, accelerator) -> float | None:
+    """Token-weighted mean NLL over the held-out set, each rank taking its share, summed.
+
+    `heldout` is a tensor of packed blocks (pretraining) or a list of batches (finetuning).
+    """
+    if heldout is None:
         return None
     rank, world = dist_info()
-    mine = blocks[rank::world]
+    if isinstance(heldout, torch.Tensor):
+        mine = [_block_batch(c) for c in heldout[rank::world].split(batch_size)]
+        passes = math.ceil(math.ceil(len(heldout) / world) / batch_size)
+        filler = _block_batch(heldout[:1])
+    else:
+        mine, passes, filler = heldout[rank::world], math.ceil(len(heldout) / world), heldout[0]
     # Every rank runs the same number of forward passes (ZeRO-3 gathers weights collectively in
-    # each one); a rank whose share is shorter runs its last ones on a block it does not count.
-    passes = math.ceil(math.ceil(len(blocks) / world) / batch_size)
-    chunks = list(mine.split(batch_size))
+    # each one); a rank whose share is shorter runs its last ones on a batch it does not count.
     sums = torch.zeros(2, dtype=torch.float64, device=accelerator.device)
     model.eval()
     for i in range(passes):
-        counted = i < len(chunks)
-        chunk = (chunks[i] if counted else blocks[:1]).to(accelerator.device)
-        batch = {"input_ids": chunk, "attention_mask": torch.ones_like(chunk), "labels": chunk}
+        counted = i < len(mine)
+        batch = {k: v.to(accelerator.device) for k, v in (mine[i] if counted else filler).items()}
         with accelerator.autocast():
             nll = token_nll(model, batch).double()
         if counted:
             sums[0] += nll
-            sums[1] += chunk[:, 1:].numel()
+            sums[1] += (batch["labels"][:, 1:] != -100).sum()
     model.train()
     total, count = _all_reduce_sum(accelerator, sums).tolist()
     return total / count
+
+
+def _block_batch(blocks: torch.Tensor) -> dict:
+    return {"input_ids": blocks, "attention_mask": torch.ones_like(blocks), "labels": blocks}
 
 
 def train(cfg: TrainingConfig, accelerator, model, optimizer, batches, state: LoopState, logger,

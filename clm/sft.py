@@ -1,0 +1,227 @@
+"""Finetuning data: records tokenized with a loss mask, padded into batches, dealt to ranks.
+
+    python finetune/run_sft.py --config configs/sft_demo.yaml
+
+Records are `{"text"}`, `{"prompt", "completion"}` or `{"messages": [{"role", "content"}]}`
+(the format is read from the columns). Each becomes token ids and labels, -100 where no loss is
+taken: with `--completion_only_loss` (the default) only completions and assistant turns are
+learned. Chats are rendered with the tokenizer's chat template, or a plain one that is saved
+with the model when the tokenizer has none; each turn's tokens are found by rendering the
+conversation up to it, so the labels cover exactly the assistant's text and its end token.
+
+Finetuning sets are small, so they are tokenized once, in memory. Every epoch is a seeded
+permutation, dealt round-robin to ranks in equal shares, cut into fixed-size micro-batches,
+each padded to its longest example. The loader's state is (epoch, batch): resuming is exact.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+
+from .config import UsageError, _help
+from .data import BUILDERS, is_heldout, resolve_files
+
+# For tokenizers without a chat template (GPT-2's): role headers, each message ended by EOS.
+DEFAULT_CHAT_TEMPLATE = (
+    "{% for message in messages %}<|{{ message['role'] }}|>\n{{ message['content'] }}"
+    "{{ eos_token }}\n{% endfor %}{% if add_generation_prompt %}<|assistant|>\n{% endif %}")
+FORMATS = {"messages": ("messages",), "prompt_completion": ("prompt", "completion"),
+           "text": ("text",)}
+
+
+@dataclass
+class SFTDataConfig:
+    """Where the finetuning records come from and how they become batches."""
+
+    train_files: Optional[str] = _help("Local .jsonl/.json/.parquet records (a glob).",
+                                       default=None)
+    dataset_name: Optional[str] = _help("Hub dataset of records, instead of --train_files.",
+                                        default=None)
+    dataset_config_name: Optional[str] = _help("Configuration of --dataset_name.", default=None)
+    validation_files: Optional[str] = _help("Held-out records (a glob); else a hash carve of "
+                                            "--validation_split_percentage.", default=None)
+    validation_split_percentage: float = _help(
+        "Percent of the records held out for evaluation when there are no validation files.",
+        default=5.0)
+    block_size: int = _help("Longest example in tokens; longer ones are truncated.",
+                            default=512)
+    completion_only_loss: bool = _help("Learn only completions and assistant turns (false: "
+                                       "every token).", default=True)
+    tokenizer_name: Optional[str] = _help("Tokenizer (default: --model_name_or_path's).",
+                                          default=None)
+
+    def __post_init__(self):
+        if not self.train_files and not self.dataset_name:
+            raise UsageError("no finetuning data (pass --train_files records.jsonl or "
+                             "--dataset_name)")
+        if self.block_size < 2:
+            raise UsageError(f"--block_size must be >= 2 (got {self.block_size})")
+        if not 0 <= self.validation_split_percentage < 100:
+            raise UsageError("--validation_split_percentage must be in [0, 100)")
+
+
+# ----------------------------------------------------------------------------- records
+
+def load_records(cfg: SFTDataConfig, split: str = "train") -> list[dict]:
+    """The records of `split` ("train" or "validation") as dicts."""
+    from datasets import load_dataset
+
+    files = cfg.validation_files if split == "validation" else cfg.train_files
+    try:
+        if files:
+            names, builder = resolve_files(files, f"--{split}_files")
+            if builder == BUILDERS[".txt"]:
+                raise UsageError(f"--{split}_files: finetuning records must be .jsonl, .json "
+                                 "or .parquet (one record a line or row)")
+            ds = load_dataset(builder, data_files=names, split="train")
+        else:
+            ds = load_dataset(cfg.dataset_name, cfg.dataset_config_name, split=split)
+    except UsageError:
+        raise
+    except Exception as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise UsageError(f"could not load the {split} records: {first} (check --train_files "
+                         "or --dataset_name)") from None
+    record_format(ds.column_names)
+    return list(ds)
+
+
+def record_format(columns) -> str:
+    for name, needed in FORMATS.items():
+        if all(c in columns for c in needed):
+            return name
+    raise UsageError(f"records have columns {sorted(columns)} (each record needs 'text', "
+                     "'prompt' and 'completion', or 'messages')")
+
+
+def split_records(cfg: SFTDataConfig) -> tuple[list[dict], list[dict]]:
+    """(train, held-out) records: validation files, else a deterministic hash carve."""
+    records = load_records(cfg)
+    if cfg.validation_files:
+        return records, load_records(cfg, "validation")
+    if not cfg.validation_split_percentage:
+        return records, []
+    key = lambda r: repr(sorted(r.items()))  # noqa: E731
+    held = [r for r in records if is_heldout(key(r), cfg.validation_split_percentage)]
+    return [r for r in records if not is_heldout(key(r), cfg.validation_split_percentage)], held
+
+
+# ----------------------------------------------------------------------------- tokenize
+
+def ensure_chat_template(tokenizer) -> None:
+    if not getattr(tokenizer, "chat_template", None):
+        tokenizer.chat_template = DEFAULT_CHAT_TEMPLATE
+
+
+def _ids(tokenizer, text: str) -> list[int]:
+    return tokenizer(text, add_special_tokens=False)["input_ids"]
+
+
+def segments(record: dict, tokenizer) -> list[tuple[list[int], bool]]:
+    """A record as (token ids, is completion) pieces, in order."""
+    eos = tokenizer.eos_token_id
+    if "messages" in record and record["messages"] is not None:
+        render = lambda msgs, gen: tokenizer.apply_chat_template(  # noqa: E731
+            msgs, tokenize=False, add_generation_prompt=gen)
+        pieces, done, messages = [], "", record["messages"]
+        for i, message in enumerate(messages):
+            if message["role"] == "assistant":
+                prompt = render(messages[:i], True)
+                if prompt.startswith(done) and len(prompt) > len(done):
+                    pieces.append((_ids(tokenizer, prompt[len(done):]), False))
+                    done = prompt
+            full = render(messages[:i + 1], False)
+            if not full.startswith(done):
+                raise UsageError("the chat template does not render a conversation as a "
+                                 "prefix of its continuation (use a template that does)")
+            pieces.append((_ids(tokenizer, full[len(done):]), message["role"] == "assistant"))
+            done = full
+        return pieces
+    if "prompt" in record and record.get("completion") is not None:
+        return [(_ids(tokenizer, record["prompt"]), False),
+                (_ids(tokenizer, record["completion"]) + [eos], True)]
+    return [(_ids(tokenizer, record["text"]) + [eos], True)]
+
+
+def tokenize(records: list[dict], tokenizer, block_size: int,
+             completion_only_loss: bool = True) -> tuple[list[dict], int]:
+    """Examples {"input_ids", "labels"} (lists), truncated to block_size; returns them and the
+    number of records dropped because no label token was left."""
+    examples, dropped = [], 0
+    for record in records:
+        ids, labels = [], []
+        for piece, learned in segments(record, tokenizer):
+            ids += piece
+            labels += piece if learned or not completion_only_loss else [-100] * len(piece)
+        ids, labels = ids[:block_size], labels[:block_size]
+        # the first label is never predicted (nothing comes before it)
+        if not any(x != -100 for x in labels[1:]):
+            dropped += 1
+            continue
+        examples.append({"input_ids": ids, "labels": labels})
+    return examples, dropped
+
+
+def collate(examples: list[dict], pad_id: int) -> dict:
+    """Right-pad to the longest example: pad tokens get attention 0 and label -100."""
+    width = max(len(e["input_ids"]) for e in examples)
+    batch = {"input_ids": torch.full((len(examples), width), pad_id, dtype=torch.long),
+             "attention_mask": torch.zeros((len(examples), width), dtype=torch.long),
+             "labels": torch.full((len(examples), width), -100, dtype=torch.long)}
+    for row, e in enumerate(examples):
+        n = len(e["input_ids"])
+        batch["input_ids"][row, :n] = torch.tensor(e["input_ids"])
+        batch["attention_mask"][row, :n] = 1
+        batch["labels"][row, :n] = torch.tensor(e["labels"])
+    return batch
+
+
+# ----------------------------------------------------------------------------- batches
+
+class ExampleLoader:
+    """Endless micro-batches of this rank's share of each epoch; state is (epoch, batch)."""
+
+    def __init__(self, examples: list[dict], batch_size: int, pad_id: int, seed: int,
+                 rank: int = 0, world_size: int = 1):
+        per_rank = len(examples) // world_size
+        if per_rank < batch_size:
+            raise UsageError(f"{len(examples)} training examples cannot fill one batch of "
+                             f"{batch_size} on each of {world_size} processes (add data or "
+                             "lower --per_device_train_batch_size)")
+        self.examples, self.batch_size, self.pad_id = examples, batch_size, pad_id
+        self.seed, self.rank, self.world_size = seed, rank, world_size
+        self.batches_per_epoch = per_rank // batch_size
+        self.epoch, self.batch = 0, 0
+
+    def _order(self, epoch: int) -> list[int]:
+        g = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
+        perm = torch.randperm(len(self.examples), generator=g).tolist()
+        per_rank = len(self.examples) // self.world_size
+        return perm[self.rank::self.world_size][:per_rank]
+
+    def state_dict(self) -> dict:
+        return {"epoch": self.epoch, "batch": self.batch}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.epoch, self.batch = int(state["epoch"]), int(state["batch"])
+
+    def __iter__(self):
+        while True:
+            order = self._order(self.epoch)
+            while self.batch < self.batches_per_epoch:
+                start = self.batch * self.batch_size
+                picked = [self.examples[i] for i in order[start:start + self.batch_size]]
+                self.batch += 1  # counted before it is handed out: the state says "next"
+                yield collate(picked, self.pad_id)
+            self.epoch, self.batch = self.epoch + 1, 0
+
+
+def eval_batches(examples: list[dict], batch_size: int, pad_id: int) -> Optional[list[dict]]:
+    """The held-out examples as batches, in order (loop.evaluate deals them to ranks)."""
+    if not examples:
+        return None
+    return [collate(examples[i:i + batch_size], pad_id)
+            for i in range(0, len(examples), batch_size)]

@@ -1,0 +1,67 @@
+"""Finetune a pretrained causal LM on prompt/completion, chat or plain-text records.
+
+    python finetune/run_sft.py --config configs/sft_demo.yaml
+    python finetune/run_sft.py --model_name_or_path gpt2 --train_files data.jsonl --output_dir out/sft
+    torchrun --standalone --nproc_per_node 2 finetune/run_sft.py --config configs/sft_demo.yaml
+
+The same loop, checkpoints, exact resume, trackers, Hub push and output folder as train_clm.py;
+only the batches differ (clm/sft.py): padded examples whose loss covers completions and
+assistant turns unless --completion_only_loss false.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the package sits beside finetune/
+
+from clm.config import ModelConfig, TrainingConfig, UsageError, run_cli  # noqa: E402
+from clm.sft import SFTDataConfig  # noqa: E402
+
+
+def main(data_cfg: SFTDataConfig, model_cfg: ModelConfig, train_cfg: TrainingConfig) -> dict:
+    from accelerate.utils import set_seed
+
+    from clm import checkpoint as ckpt, data, model as models, outputs, runtime, session, sft
+
+    # --- check everything the user gave us before any work
+    resume = session.check_output(train_cfg)
+    if not model_cfg.model_name_or_path:
+        raise UsageError("finetuning needs --model_name_or_path (a Hub name such as gpt2, or a "
+                         "folder written by train_clm.py)")
+    tokenizer = data.load_tokenizer(data_cfg.tokenizer_name or model_cfg.model_name_or_path)
+    sft.ensure_chat_template(tokenizer)
+    train_records, heldout_records = sft.split_records(data_cfg)
+    accelerator = runtime.make_accelerator(train_cfg)
+    set_seed(train_cfg.seed)
+    model = models.build_model(model_cfg, tokenizer, data_cfg.block_size)
+    rank, world = runtime.dist_info()
+    batch = train_cfg.per_device_train_batch_size
+    fingerprint = ckpt.fingerprint(model, tokenizer, data_cfg.block_size,
+                                   batch * train_cfg.gradient_accumulation_steps * world, world, 0)
+    session.check_resume(resume, fingerprint)
+    examples, dropped = sft.tokenize(train_records, tokenizer, data_cfg.block_size,
+                                     data_cfg.completion_only_loss)
+    heldout, _ = sft.tokenize(heldout_records, tokenizer, data_cfg.block_size,
+                              data_cfg.completion_only_loss)
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    batches = sft.ExampleLoader(examples, batch, pad, train_cfg.seed, rank, world)
+    if dropped and accelerator.is_main_process:
+        print(f"{dropped} training records had no completion token left within --block_size "
+              f"{data_cfg.block_size} and were skipped")
+
+    # --- the run itself: the same as pretraining
+    run = outputs.resolved_config({"data": data_cfg, "model": model_cfg, "training": train_cfg},
+                                  model, world, train_cfg, data_cfg.block_size)
+    run.update(task="sft", train_examples=len(examples), heldout_examples=len(heldout),
+               skipped_examples=dropped)
+    return session.run_training(
+        accelerator, train_cfg, model, tokenizer, batches,
+        sft.eval_batches(heldout, train_cfg.per_device_eval_batch_size, pad), run, fingerprint,
+        resume, data_cfg.block_size)
+
+
+if __name__ == "__main__":
+    run_cli(main, [SFTDataConfig, ModelConfig, TrainingConfig],
+            description=__doc__.splitlines()[0])
