@@ -5,7 +5,7 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed-$(shell cat requirements.txt pyproject.toml | cksum | cut -d' ' -f1)
 
-.PHONY: setup demo test bench corpus tokenizer clean
+.PHONY: setup demo sft-demo test bench corpus tokenizer clean
 
 setup: $(STAMP)
 
@@ -28,6 +28,16 @@ tokenizer: data/demo_tokenizer/tokenizer.json
 
 demo: setup tokenizer
 	$(PY) train_clm.py --config configs/demo_cpu.yaml --overwrite_output_dir
+
+outputs/demo/model.safetensors: | $(STAMP)
+	$(MAKE) demo
+
+data/sft_demo/train.jsonl: | $(STAMP)
+	$(PY) -m clm.corpus --sft_file $@
+
+# Finetunes the demo model (trained first if outputs/demo has none) on the demo records.
+sft-demo: setup outputs/demo/model.safetensors data/sft_demo/train.jsonl
+	$(PY) finetune/run_sft.py --config configs/sft_demo.yaml --overwrite_output_dir
 
 bench: setup tokenizer
 	$(PY) bench/data_throughput.py

@@ -1,6 +1,7 @@
 """Build the offline demo corpus from the prose that ships inside installed Python packages.
 
     python -m clm.corpus --output_dir data/demo_corpus
+    python -m clm.corpus --sft_file data/sft_demo/train.jsonl      # finetuning records
 
 No text is committed to this repository and the Hub cannot be reached here, so the demo corpus is
 made at set-up time: every docstring of the standard library and of the installed packages
@@ -148,6 +149,66 @@ def build_corpus(output_dir: str | Path, packages=DEFAULT_PACKAGES, num_shards: 
     return {"documents": len(docs), "bytes": size, "shards": num_shards, "path": str(out)}
 
 
+def _first_sentence(doc: str) -> str | None:
+    first = " ".join(doc.split("\n\n")[0].split())
+    end = first.find(". ")
+    sentence = first if end < 0 else first[:end + 1]
+    words = _WORD.findall(sentence)
+    if not 30 <= len(sentence) <= 200 or len(words) < 5 or _CODE_LINE.match(sentence):
+        return None
+    return sentence if sentence.endswith(".") else sentence + "."
+
+
+def _file_functions(item) -> list[tuple[str, str, str]]:
+    """(qualified name, signature line, first docstring sentence) of a file's documented
+    public functions."""
+    module, path = item
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            tree = ast.parse(path.read_text(encoding="utf-8"))
+    except (SyntaxError, ValueError, UnicodeDecodeError, OSError):
+        return []
+    found = []
+    for node in tree.body:
+        if isinstance(node, ast.FunctionDef) and not node.name.startswith("_"):
+            doc = ast.get_docstring(node, clean=True)
+            sentence = _first_sentence(doc) if doc else None
+            if sentence:
+                found.append((f"{module}.{node.name}",
+                              f"def {node.name}({ast.unparse(node.args)}):", sentence))
+    return found
+
+
+def build_sft_records(output_file: str | Path, packages=("stdlib",), max_records: int = 3000):
+    """Instruction records from documented functions: half prompt/completion (the signature
+    asks for a summary), half chats (a question about the function, the summary as answer)."""
+    import json
+
+    items = [(rel[:-3].replace("/", ".").removesuffix(".__init__"), path)
+             for name, root in package_roots(packages) for rel, path in _module_files(name, root)]
+    records, seen = [], set()
+    for item in items:
+        for qualname, signature, sentence in _file_functions(item):
+            if sentence.lower() in seen:
+                continue
+            seen.add(sentence.lower())
+            if len(records) % 2 == 0:
+                records.append({"prompt": f"{signature}\n    \"\"\"", "completion": sentence})
+            else:
+                records.append({"messages": [
+                    {"role": "user", "content": f"What does {qualname} do?"},
+                    {"role": "assistant", "content": sentence}]})
+            if len(records) >= max_records:
+                break
+        if len(records) >= max_records:
+            break
+    out = Path(output_file)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text("".join(json.dumps(r) + "\n" for r in records))
+    return {"records": len(records), "path": str(out)}
+
+
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--output_dir", default="data/demo_corpus")
@@ -155,7 +216,13 @@ def main(argv=None) -> None:
                         help="installed packages to read ('stdlib' = the standard library)")
     parser.add_argument("--num_shards", type=int, default=4)
     parser.add_argument("--max_bytes", type=int, default=10_000_000, help="stop after this much text")
+    parser.add_argument("--sft_file", default=None,
+                        help="instead, write finetuning records (jsonl) from documented functions")
     args = parser.parse_args(argv)
+    if args.sft_file:
+        summary = build_sft_records(args.sft_file, args.packages)
+        print(f"demo finetuning records: {summary['records']} at {summary['path']}")
+        return
     summary = build_corpus(args.output_dir, args.packages, args.num_shards, max_bytes=args.max_bytes)
     print(f"demo corpus: {summary['documents']} documents, {summary['bytes'] / 1e6:.1f} MB "
           f"in {summary['shards']} parquet shards at {summary['path']}")

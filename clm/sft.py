@@ -67,9 +67,12 @@ class SFTDataConfig:
 
 def load_records(cfg: SFTDataConfig, split: str = "train") -> list[dict]:
     """The records of `split` ("train" or "validation") as dicts."""
+    import datasets
     from datasets import load_dataset
 
     files = cfg.validation_files if split == "validation" else cfg.train_files
+    bars = datasets.is_progress_bar_enabled()
+    datasets.disable_progress_bars()  # a small in-memory load: its bars are noise on stderr
     try:
         if files:
             names, builder = resolve_files(files, f"--{split}_files")
@@ -85,6 +88,9 @@ def load_records(cfg: SFTDataConfig, split: str = "train") -> list[dict]:
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise UsageError(f"could not load the {split} records: {first} (check --train_files "
                          "or --dataset_name)") from None
+    finally:
+        if bars:
+            datasets.enable_progress_bars()
     record_format(ds.column_names)
     return list(ds)
 

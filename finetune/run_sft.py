@@ -33,20 +33,20 @@ def main(data_cfg: SFTDataConfig, model_cfg: ModelConfig, train_cfg: TrainingCon
     tokenizer = data.load_tokenizer(data_cfg.tokenizer_name or model_cfg.model_name_or_path)
     sft.ensure_chat_template(tokenizer)
     train_records, heldout_records = sft.split_records(data_cfg)
-    accelerator = runtime.make_accelerator(train_cfg)
-    set_seed(train_cfg.seed)
-    model = models.build_model(model_cfg, tokenizer, data_cfg.block_size)
-    rank, world = runtime.dist_info()
-    batch = train_cfg.per_device_train_batch_size
-    fingerprint = ckpt.fingerprint(model, tokenizer, data_cfg.block_size,
-                                   batch * train_cfg.gradient_accumulation_steps * world, world, 0)
-    session.check_resume(resume, fingerprint)
     examples, dropped = sft.tokenize(train_records, tokenizer, data_cfg.block_size,
                                      data_cfg.completion_only_loss)
     heldout, _ = sft.tokenize(heldout_records, tokenizer, data_cfg.block_size,
                               data_cfg.completion_only_loss)
+    accelerator = runtime.make_accelerator(train_cfg)
+    rank, world = runtime.dist_info()
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    batch = train_cfg.per_device_train_batch_size
     batches = sft.ExampleLoader(examples, batch, pad, train_cfg.seed, rank, world)
+    set_seed(train_cfg.seed)
+    model = models.build_model(model_cfg, tokenizer, data_cfg.block_size)
+    fingerprint = ckpt.fingerprint(model, tokenizer, data_cfg.block_size,
+                                   batch * train_cfg.gradient_accumulation_steps * world, world, 0)
+    session.check_resume(resume, fingerprint)
     if dropped and accelerator.is_main_process:
         print(f"{dropped} training records had no completion token left within --block_size "
               f"{data_cfg.block_size} and were skipped")

@@ -1,0 +1,206 @@
+"""Finetuning: record formats and loss masks, the loader, errors, and the real run_sft main()."""
+
+import json
+import shutil
+import sys
+
+import pytest
+import yaml
+
+from clm import sft
+from clm.config import ModelConfig, TrainingConfig, parse_config, run_cli
+from clm.corpus import build_sft_records
+from helpers import ROOT, metrics, run, toy_args
+
+sys.path.insert(0, str(ROOT / "finetune"))
+import run_sft  # noqa: E402
+
+SFT_TYPES = [sft.SFTDataConfig, ModelConfig, TrainingConfig]
+WORDS = ["ka", "lo", "mi", "ten", "ra", "sol", "ve", "nu"]
+
+
+def records(n=96):
+    out = []
+    for i in range(n):
+        a, b = WORDS[i % 8], WORDS[(i * 3 + 1) % 8]
+        if i % 3 == 0:
+            out.append({"prompt": f"join {a} {b}:", "completion": f" {a}{b}"})
+        elif i % 3 == 1:
+            out.append({"messages": [{"role": "user", "content": f"swap {a} {b}"},
+                                     {"role": "assistant", "content": f"{b} {a}"}]})
+        else:
+            out.append({"text": f"{a} {b} {a} {b}"})
+    return out
+
+
+def write_jsonl(path, recs):
+    path.write_text("".join(json.dumps(r) + "\n" for r in recs))
+    return path
+
+
+def learned_text(tokenizer, example):
+    return tokenizer.decode([t for t, lab in zip(example["input_ids"], example["labels"])
+                             if lab != -100])
+
+
+def test_each_format_learns_only_its_completion(tokenizer):
+    sft.ensure_chat_template(tokenizer)
+    eos = tokenizer.eos_token
+    pc = {"prompt": "join ka lo:", "completion": " kalo"}
+    chat = {"messages": [{"role": "system", "content": "be brief"},
+                         {"role": "user", "content": "swap ka lo"},
+                         {"role": "assistant", "content": "lo ka"},
+                         {"role": "user", "content": "again"},
+                         {"role": "assistant", "content": "ka lo"}]}
+    text = {"text": "ka lo mi"}
+    (a, b, c), dropped = sft.tokenize([pc, chat, text], tokenizer, 256)
+    assert dropped == 0
+    assert learned_text(tokenizer, a) == f" kalo{eos}"
+    assert tokenizer.decode(a["input_ids"]) == f"join ka lo: kalo{eos}"
+    # both assistant turns, each with its end token; no system or user text, no role headers
+    assert learned_text(tokenizer, b) == f"lo ka{eos}\nka lo{eos}\n"
+    rendered = tokenizer.apply_chat_template(chat["messages"], tokenize=False)
+    assert tokenizer.decode(b["input_ids"]) == rendered
+    assert learned_text(tokenizer, c) == f"ka lo mi{eos}" == tokenizer.decode(c["input_ids"])
+    (full,), _ = sft.tokenize([pc], tokenizer, 256, completion_only_loss=False)
+    assert full["labels"] == full["input_ids"]
+
+
+def test_truncation_and_records_without_completion_left(tokenizer):
+    long_prompt = {"prompt": " ".join(WORDS * 20), "completion": " ka"}
+    kept, dropped = sft.tokenize([long_prompt, {"text": " ".join(WORDS * 20)}], tokenizer, 16)
+    assert dropped == 1 and len(kept) == 1 and len(kept[0]["input_ids"]) == 16
+
+
+def test_collate_pads_right_and_masks(tokenizer):
+    batch = sft.collate([{"input_ids": [5, 6, 7], "labels": [-100, 6, 7]},
+                         {"input_ids": [8], "labels": [8]}], pad_id=0)
+    assert batch["input_ids"].tolist() == [[5, 6, 7], [8, 0, 0]]
+    assert batch["attention_mask"].tolist() == [[1, 1, 1], [1, 0, 0]]
+    assert batch["labels"].tolist() == [[-100, 6, 7], [8, -100, -100]]
+
+
+def test_loader_deals_disjoint_equal_shares_and_resumes_exactly():
+    examples = [{"input_ids": [i, i], "labels": [i, i]} for i in range(22)]
+    seen = []
+    for rank in (0, 1):
+        loader = sft.ExampleLoader(examples, 2, 0, seed=3, rank=rank, world_size=2)
+        assert loader.batches_per_epoch == 5  # 11 a rank, batches of 2
+        it = iter(loader)
+        seen.append([int(x) for _ in range(5) for x in next(it)["input_ids"][:, 0]])
+    assert not set(seen[0]) & set(seen[1]) and len(set(seen[0])) == 10
+    loader = sft.ExampleLoader(examples, 4, 0, seed=3)
+    it = iter(loader)
+    for _ in range(7):  # into the second epoch
+        next(it)
+    state = loader.state_dict()
+    expected = [next(it)["input_ids"].tolist() for _ in range(6)]
+    again = sft.ExampleLoader(examples, 4, 0, seed=3)
+    again.load_state_dict(json.loads(json.dumps(state)))
+    it = iter(again)
+    assert [next(it)["input_ids"].tolist() for _ in range(6)] == expected
+
+
+def test_demo_records_from_docstrings(tmp_path):
+    summary = build_sft_records(tmp_path / "train.jsonl", max_records=40)
+    recs = [json.loads(line) for line in (tmp_path / "train.jsonl").read_text().splitlines()]
+    assert summary["records"] == len(recs) == 40
+    assert sum("prompt" in r for r in recs) == sum("messages" in r for r in recs) == 20
+    assert all(r["completion"].endswith(".") for r in recs if "prompt" in r)
+
+
+@pytest.fixture(scope="module")
+def pretrained(tmp_path_factory, corpus_dir, tokenizer_dir, toy_config_dir):
+    """A toy model folder written by train_clm.py, to finetune."""
+    out = tmp_path_factory.mktemp("pre") / "model"
+    run(toy_args(corpus_dir, tokenizer_dir, toy_config_dir, out, max_steps=4, eval_steps=0,
+                 num_samples=0))
+    return out
+
+
+def sft_args(model, data, out, **kw):
+    args = {"model_name_or_path": model, "train_files": data, "output_dir": out,
+            "block_size": 48, "per_device_train_batch_size": 8, "max_steps": 12,
+            "eval_steps": 6, "logging_steps": 1, "warmup_steps": 2, "learning_rate": 3e-3,
+            "min_lr": 3e-4, "validation_split_percentage": 20, "num_samples": 1,
+            "sample_max_new_tokens": 6, "seed": 0}
+    args.update(kw)
+    return [x for k, v in args.items() for x in (f"--{k}", str(v))]
+
+
+def run_sft_main(argv):
+    return run_cli(run_sft.main, SFT_TYPES, argv)
+
+
+def test_run_sft_end_to_end(tmp_path, pretrained):
+    from transformers import pipeline
+
+    data = write_jsonl(tmp_path / "records.jsonl", records())
+    out = tmp_path / "sft"
+    result = run_sft_main(sft_args(pretrained, data, out, save_steps=6))
+    assert result["task"] == "sft" and result["train_examples"] + \
+        result["heldout_examples"] == 96
+    evals = [r["eval_loss"] for r in metrics(out) if "eval_loss" in r]
+    assert len(evals) == 3 and evals[-1] < evals[0]
+    cfg = yaml.safe_load((out / "run_config.yaml").read_text())
+    assert cfg["model"]["model_name_or_path"] == str(pretrained)
+    assert "- sft" in (out / "README.md").read_text()
+    assert (out / "chat_template.jinja").is_file(), "the chat template ships with the model"
+    gen = pipeline("text-generation", str(out))
+    assert gen("join ka lo:", max_new_tokens=3, do_sample=False)[0]["generated_text"]
+
+    # exact resume from the step-6 checkpoint of a copy
+    resumed = tmp_path / "resumed"
+    shutil.copytree(out, resumed)
+    shutil.rmtree(resumed / "checkpoints" / "step-12")
+    run_sft_main(sft_args(pretrained, data, resumed, save_steps=6) +
+                 ["--resume_from_checkpoint", "latest"])
+    strip = lambda rs: [{k: v for k, v in r.items() if k not in ("tokens_per_sec", "elapsed_s")}  # noqa
+                        for r in rs]
+    assert strip(metrics(resumed)) == strip(metrics(out))
+
+
+def test_accumulation_is_exact_with_padding_and_masks(tmp_path, pretrained):
+    data = write_jsonl(tmp_path / "records.jsonl", records())
+    runs = {}
+    for bs, ga in ((8, 1), (4, 2), (2, 4)):
+        out = tmp_path / f"b{bs}"
+        run_sft_main(sft_args(pretrained, data, out, per_device_train_batch_size=bs,
+                              gradient_accumulation_steps=ga, max_steps=4, eval_steps=0,
+                              num_samples=0))
+        runs[bs] = [(r["loss"], r["grad_norm"]) for r in metrics(out) if "loss" in r]
+    # the same 8 examples a step, padded differently: the same mean over completion tokens
+    for bs in (4, 2):
+        assert [x[0] for x in runs[bs]] == pytest.approx([x[0] for x in runs[8]], rel=1e-5)
+        assert [x[1] for x in runs[bs]] == pytest.approx([x[1] for x in runs[8]], rel=1e-4)
+
+
+@pytest.mark.parametrize("change, message", [
+    ({"model_name_or_path": None}, "finetuning needs --model_name_or_path"),
+    ({"train_files": None}, "no finetuning data"),
+    ({"per_device_train_batch_size": 200}, "cannot fill one batch of 200"),
+    ({"bad_records": True}, "records have columns ['answer', 'question']"),
+])
+def test_bad_input_is_one_line_exit_2(tmp_path, capsys, pretrained, change, message):
+    data = write_jsonl(tmp_path / "records.jsonl", records())
+    if change.pop("bad_records", False):
+        data = write_jsonl(tmp_path / "bad.jsonl", [{"question": "q", "answer": "a"}] * 20)
+    base = sft_args(pretrained, data, tmp_path / "o")
+    options = dict(zip(base[::2], base[1::2]))
+    for key, value in change.items():
+        options.pop(f"--{key}")
+        if value is not None:
+            options[f"--{key}"] = str(value)
+    with pytest.raises(SystemExit) as e:
+        run_sft_main([x for pair in options.items() for x in pair])
+    assert e.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: ") and message in err[0], err
+    assert not (tmp_path / "o").exists(), "nothing written"
+
+
+def test_sft_demo_yaml_parses():
+    data_cfg, model_cfg, train_cfg = parse_config(SFT_TYPES, ["--config",
+                                                              str(ROOT / "configs" / "sft_demo.yaml")])
+    assert model_cfg.model_name_or_path == "outputs/demo" and data_cfg.completion_only_loss
+    assert train_cfg.output_dir == "outputs/sft_demo"
