@@ -109,7 +109,9 @@ class HubPusher:
 def model_card(run: dict) -> str:
     """README.md for a trained model folder, from the run's resolved config and results."""
     ds = run["data"]
-    data = ", ".join(ds.get("train_files") or []) or ds.get("dataset_name") or "local files"
+    files = ds.get("train_files") or []
+    files = [files] if isinstance(files, str) else files  # a YAML config may give one string
+    data = ", ".join(files) or ds.get("dataset_name") or "local files"
     eval_loss = run.get("final_eval_loss")
     ppl = f"{math.exp(eval_loss):.2f}" if eval_loss is not None else "n/a"
     loss = f"{eval_loss:.4f}" if eval_loss is not None else "n/a"

@@ -36,13 +36,14 @@ FORMATS = {"messages": ("messages",), "prompt_completion": ("prompt", "completio
 class SFTDataConfig:
     """Where the finetuning records come from and how they become batches."""
 
-    train_files: Optional[str] = _help("Local .jsonl/.json/.parquet records (a glob).",
-                                       default=None)
+    train_files: Optional[list[str]] = _help("Local .jsonl/.json/.parquet records (globs).",
+                                             default=None)
     dataset_name: Optional[str] = _help("Hub dataset of records, instead of --train_files.",
                                         default=None)
     dataset_config_name: Optional[str] = _help("Configuration of --dataset_name.", default=None)
-    validation_files: Optional[str] = _help("Held-out records (a glob); else a hash carve of "
-                                            "--validation_split_percentage.", default=None)
+    validation_files: Optional[list[str]] = _help(
+        "Held-out records (globs); else a hash carve of --validation_split_percentage.",
+        default=None)
     validation_split_percentage: float = _help(
         "Percent of the records held out for evaluation when there are no validation files.",
         default=5.0)

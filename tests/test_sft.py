@@ -144,7 +144,8 @@ def test_run_sft_end_to_end(tmp_path, pretrained):
     assert len(evals) == 3 and evals[-1] < evals[0]
     cfg = yaml.safe_load((out / "run_config.yaml").read_text())
     assert cfg["model"]["model_name_or_path"] == str(pretrained)
-    assert "- sft" in (out / "README.md").read_text()
+    card = (out / "README.md").read_text()
+    assert "- sft" in card and f"| data | {data} |" in card
     assert (out / "chat_template.jinja").is_file(), "the chat template ships with the model"
     gen = pipeline("text-generation", str(out))
     assert gen("join ka lo:", max_new_tokens=3, do_sample=False)[0]["generated_text"]
@@ -204,3 +205,27 @@ def test_sft_demo_yaml_parses():
                                                               str(ROOT / "configs" / "sft_demo.yaml")])
     assert model_cfg.model_name_or_path == "outputs/demo" and data_cfg.completion_only_loss
     assert train_cfg.output_dir == "outputs/sft_demo"
+
+
+def test_two_process_sft_deals_each_global_batch_across_ranks(tmp_path, pretrained):
+    import subprocess
+
+    data = write_jsonl(tmp_path / "records.jsonl", records())
+    kw = dict(max_steps=4, eval_steps=4, num_samples=0)
+    one = tmp_path / "one"
+    run_sft_main(sft_args(pretrained, data, one, per_device_train_batch_size=8, **kw))
+    two = tmp_path / "two"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+           str(ROOT / "finetune" / "run_sft.py"),
+           *sft_args(pretrained, data, two, per_device_train_batch_size=4, **kw)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    dist = yaml.safe_load((two / "run_config.yaml").read_text())["distributed"]
+    assert dist["accelerate_num_processes"] == dist["torch_world_size"] == 2
+    # each step's 8 examples are split 4 + 4 over the ranks, with no example on both: the
+    # losses of one process taking all 8 are reproduced
+    a = [r["loss"] for r in metrics(one) if "loss" in r]
+    b = [r["loss"] for r in metrics(two) if "loss" in r]
+    assert len(a) == 4 and b == pytest.approx(a, rel=1e-5)
+    assert [r["tokens"] for r in metrics(two) if "loss" in r] == \
+        [r["tokens"] for r in metrics(one) if "loss" in r]
