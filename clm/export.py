@@ -6,7 +6,8 @@ The weights are read from the checkpoint's training state (`state/`, what a resu
 copied from the HF files beside it, so the export is exactly the model training would continue
 from: `state/model.safetensors` for DDP and single-process runs, and for DeepSpeed ZeRO-1/2/3
 the fp32 master weights, whose partitions (one file per rank) are gathered back into whole
-tensors by DeepSpeed's own reader. No GPU or process group is needed for either. The folder
+tensors by DeepSpeed's own reader. No GPU or process group is needed for either. A LoRA
+finetune's checkpoint is exported with its adapters merged into the base weights. The folder
 gets the checkpoint's config, generation config and tokenizer.
 """
 
@@ -57,17 +58,30 @@ def load_training_weights(checkpoint: Path):
         raise UsageError(f"checkpoint {checkpoint} has neither state/model.safetensors nor "
                          f"DeepSpeed state/{ZERO_TAG}/ files (FSDP states are not supported by "
                          "this exporter)")
-    config = AutoConfig.from_pretrained(checkpoint)
-    model = AutoModelForCausalLM.from_config(config)
     # a run with --torch_compile may have saved the compiled wrapper's names
     state = {k.removeprefix("_orig_mod."): v for k, v in state.items()}
+    lora = (checkpoint / "adapter_config.json").is_file()
+    if lora:  # a LoRA finetune: the state holds base and adapters; they are merged
+        from peft import PeftConfig, get_peft_model
+
+        peft_config = PeftConfig.from_pretrained(checkpoint)
+        base = peft_config.base_model_name_or_path
+        config = AutoConfig.from_pretrained(base)
+        model = get_peft_model(AutoModelForCausalLM.from_config(config), peft_config)
+    else:
+        base = checkpoint
+        config = AutoConfig.from_pretrained(checkpoint)
+        model = AutoModelForCausalLM.from_config(config)
     missing, unexpected = model.load_state_dict(state, strict=False)
-    tied = {"lm_head.weight"} if config.tie_word_embeddings else set()
+    tied = {k for k in missing if k.endswith("lm_head.weight")} \
+        if config.tie_word_embeddings else set()
     if set(missing) - tied or unexpected:
         raise UsageError(f"checkpoint {checkpoint} does not match its config: missing "
                          f"{sorted(set(missing) - tied)}, unexpected {sorted(unexpected)}")
     model.tie_weights()
-    model.generation_config = GenerationConfig.from_pretrained(checkpoint)
+    if lora:
+        model = model.merge_and_unload()
+    model.generation_config = GenerationConfig.from_pretrained(base)
     return model.eval()
 
 

@@ -34,9 +34,12 @@ def check_resume(resume: Path | None, fingerprint: dict) -> None:
 
 
 def run_training(accelerator, train_cfg: TrainingConfig, model, tokenizer, batches, heldout,
-                 run: dict, fingerprint: dict, resume: Path | None, seq_len: int) -> dict:
+                 run: dict, fingerprint: dict, resume: Path | None, seq_len: int,
+                 finalize=None) -> dict:
     """Train `model` on `batches` (an endless loader with state_dict/load_state_dict) and write
-    the output folder; `heldout` is what loop.evaluate takes; `run` the resolved config."""
+    the output folder; `heldout` is what loop.evaluate takes; `run` the resolved config;
+    `finalize(model, output_dir)`, on the main process, turns the trained model into the one
+    the final folder holds (finetuning merges LoRA adapters there)."""
     out = Path(train_cfg.output_dir)
     run["name"] = train_cfg.run_name or out.resolve().name
     fpt = models.flops_per_token(model, seq_len)
@@ -107,6 +110,8 @@ def run_training(accelerator, train_cfg: TrainingConfig, model, tokenizer, batch
                first_eval_loss=evals[0]["eval_loss"] if evals else None)
     final_model = ckpt.full_model(accelerator, model)  # collective under ZeRO-3
     if accelerator.is_main_process:
+        if finalize is not None:
+            final_model = finalize(final_model, out)
         samples = outputs.finish_run(train_cfg.output_dir, final_model, tokenizer, run,
                                      train_cfg)
         for text in samples:

@@ -6,7 +6,8 @@
 
 The same loop, checkpoints, exact resume, trackers, Hub push and output folder as train_clm.py;
 only the batches differ (clm/sft.py): padded examples whose loss covers completions and
-assistant turns unless --completion_only_loss false.
+assistant turns unless --completion_only_loss false. --use_peft trains LoRA adapters instead
+and, unless --merge_adapters false, writes the final model with them merged in.
 """
 
 from __future__ import annotations
@@ -17,10 +18,11 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the package sits beside finetune/
 
 from clm.config import ModelConfig, TrainingConfig, UsageError, run_cli  # noqa: E402
-from clm.sft import SFTDataConfig  # noqa: E402
+from clm.sft import LoraArgs, SFTDataConfig  # noqa: E402
 
 
-def main(data_cfg: SFTDataConfig, model_cfg: ModelConfig, train_cfg: TrainingConfig) -> dict:
+def main(data_cfg: SFTDataConfig, model_cfg: ModelConfig, train_cfg: TrainingConfig,
+         lora: LoraArgs) -> dict:
     from accelerate.utils import set_seed
 
     from clm import checkpoint as ckpt, data, model as models, outputs, runtime, session, sft
@@ -42,8 +44,14 @@ def main(data_cfg: SFTDataConfig, model_cfg: ModelConfig, train_cfg: TrainingCon
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     batch = train_cfg.per_device_train_batch_size
     batches = sft.ExampleLoader(examples, batch, pad, train_cfg.seed, rank, world)
+    if lora.use_peft and runtime.zero_stage(accelerator) == 3:
+        raise UsageError("--use_peft with ZeRO-3 is not supported (use ds_configs/zero2.json: "
+                         "the adapters are small)")
+    sft.check_lora_targets(model_cfg.model_name_or_path, lora)
     set_seed(train_cfg.seed)
     model = models.build_model(model_cfg, tokenizer, data_cfg.block_size)
+    if lora.use_peft:
+        model = sft.add_lora(model, lora)
     fingerprint = ckpt.fingerprint(model, tokenizer, data_cfg.block_size,
                                    batch * train_cfg.gradient_accumulation_steps * world, world, 0)
     session.check_resume(resume, fingerprint)
@@ -52,16 +60,18 @@ def main(data_cfg: SFTDataConfig, model_cfg: ModelConfig, train_cfg: TrainingCon
               f"{data_cfg.block_size} and were skipped")
 
     # --- the run itself: the same as pretraining
-    run = outputs.resolved_config({"data": data_cfg, "model": model_cfg, "training": train_cfg},
-                                  model, world, train_cfg, data_cfg.block_size)
+    run = outputs.resolved_config({"data": data_cfg, "model": model_cfg, "training": train_cfg,
+                                   "lora": lora}, model, world, train_cfg, data_cfg.block_size)
     run.update(task="sft", train_examples=len(examples), heldout_examples=len(heldout),
-               skipped_examples=dropped)
+               skipped_examples=dropped,
+               trainable_params=sum(p.numel() for p in model.parameters() if p.requires_grad))
     return session.run_training(
         accelerator, train_cfg, model, tokenizer, batches,
         sft.eval_batches(heldout, train_cfg.per_device_eval_batch_size, pad), run, fingerprint,
-        resume, data_cfg.block_size)
+        resume, data_cfg.block_size,
+        finalize=sft.merge_lora if lora.use_peft and lora.merge_adapters else None)
 
 
 if __name__ == "__main__":
-    run_cli(main, [SFTDataConfig, ModelConfig, TrainingConfig],
+    run_cli(main, [SFTDataConfig, ModelConfig, TrainingConfig, LoraArgs],
             description=__doc__.splitlines()[0])

@@ -5,6 +5,7 @@ import shutil
 import sys
 
 import pytest
+import torch
 import yaml
 
 from clm import sft
@@ -15,7 +16,7 @@ from helpers import ROOT, metrics, run, toy_args
 sys.path.insert(0, str(ROOT / "finetune"))
 import run_sft  # noqa: E402
 
-SFT_TYPES = [sft.SFTDataConfig, ModelConfig, TrainingConfig]
+SFT_TYPES = [sft.SFTDataConfig, ModelConfig, TrainingConfig, sft.LoraArgs]
 WORDS = ["ka", "lo", "mi", "ten", "ra", "sol", "ve", "nu"]
 
 
@@ -201,7 +202,7 @@ def test_bad_input_is_one_line_exit_2(tmp_path, capsys, pretrained, change, mess
 
 
 def test_sft_demo_yaml_parses():
-    data_cfg, model_cfg, train_cfg = parse_config(SFT_TYPES, ["--config",
+    data_cfg, model_cfg, train_cfg, _ = parse_config(SFT_TYPES, ["--config",
                                                               str(ROOT / "configs" / "sft_demo.yaml")])
     assert model_cfg.model_name_or_path == "outputs/demo" and data_cfg.completion_only_loss
     assert train_cfg.output_dir == "outputs/sft_demo"
@@ -229,3 +230,52 @@ def test_two_process_sft_deals_each_global_batch_across_ranks(tmp_path, pretrain
     assert len(a) == 4 and b == pytest.approx(a, rel=1e-5)
     assert [r["tokens"] for r in metrics(two) if "loss" in r] == \
         [r["tokens"] for r in metrics(one) if "loss" in r]
+
+
+def test_lora_trains_adapters_only_then_merges_and_exports(tmp_path, pretrained):
+    from safetensors.torch import load_file
+    from transformers import AutoModelForCausalLM
+
+    from clm import export
+
+    data = write_jsonl(tmp_path / "records.jsonl", records())
+    lora = ["--use_peft", "true", "--lora_r", "4", "--lora_alpha", "8"]
+    out = tmp_path / "lora"
+    result = run_sft_main(sft_args(pretrained, data, out, max_steps=6, save_steps=6) + lora)
+    assert 0 < result["trainable_params"] < result["model_info"]["params"] / 5
+    base, tuned = load_file(pretrained / "model.safetensors"), load_file(out / "model.safetensors")
+    assert set(tuned) == set(base), "the final folder is a plain model, adapters merged"
+    assert torch.equal(tuned["transformer.wte.weight"], base["transformer.wte.weight"])
+    assert not torch.equal(tuned["transformer.h.0.attn.c_attn.weight"],
+                           base["transformer.h.0.attn.c_attn.weight"])
+    assert (out / "adapter" / "adapter_config.json").is_file()
+    evals = [r["eval_loss"] for r in metrics(out) if "eval_loss" in r]
+    assert evals[-1] < evals[0]
+    exported = export.export(out / "checkpoints" / "step-6", tmp_path / "exported")
+    ids = torch.randint(0, 300, (2, 12), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        a = AutoModelForCausalLM.from_pretrained(out).eval()(ids).logits
+        b = AutoModelForCausalLM.from_pretrained(exported).eval()(ids).logits
+    torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+    unmerged = tmp_path / "unmerged"
+    run_sft_main(sft_args(pretrained, data, unmerged, max_steps=6, num_samples=0) + lora +
+                 ["--merge_adapters", "false"])
+    assert (unmerged / "adapter_config.json").is_file()
+    assert not (unmerged / "model.safetensors").exists()
+    with torch.no_grad():  # transformers loads an adapter folder through peft
+        c = AutoModelForCausalLM.from_pretrained(unmerged).eval()(ids).logits
+    torch.testing.assert_close(c, a, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["--lora_r", "0"], "--lora_r must be >= 1"),
+    (["--lora_target_modules", "nope"], "--lora_target_modules ['nope']: no such modules"),
+])
+def test_bad_lora_options_are_one_line_errors(tmp_path, capsys, pretrained, extra, message):
+    data = write_jsonl(tmp_path / "records.jsonl", records())
+    with pytest.raises(SystemExit) as e:
+        run_sft_main(sft_args(pretrained, data, tmp_path / "o") + ["--use_peft", "true"] + extra)
+    assert e.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and message in err[0], err
