@@ -112,26 +112,26 @@ def make_accelerator(cfg: TrainingConfig):
     from accelerate import Accelerator
     from accelerate.utils import InitProcessGroupKwargs
 
-    cuda = torch.cuda.is_available()
-    ds_file = deepspeed_config_file(cfg)
-    plugin, handlers = None, []
-    if ds_file:
-        if not cuda:  # DeepSpeed's own device detection would look for CUDA
-            os.environ.setdefault("DS_ACCELERATOR", "cpu")
-            handlers.append(InitProcessGroupKwargs(backend="gloo"))
-        from accelerate.utils import DeepSpeedPlugin
-
-        if "LOCAL_RANK" not in os.environ:  # plain `python`: DeepSpeed still needs a group
-            _single_process_group_env()
-        world_size = int(os.environ.get("WORLD_SIZE", "1"))
-        os.environ["ACCELERATE_USE_DEEPSPEED"] = "true"  # Accelerate reads it to start DeepSpeed
-        plugin = DeepSpeedPlugin(hf_ds_config=deepspeed_config(ds_file, cfg, world_size))
     if _env_flag("ACCELERATE_USE_FSDP"):
         # Not built: model folders and export would need FSDP's sharded state dicts, and
         # Accelerate 1.15 on CPU silently trains unsynchronised copies instead (measured).
         raise UsageError("FSDP is not supported yet (for sharded training use DeepSpeed ZeRO-3: "
                          "accelerate_configs/deepspeed_zero3.yaml or --deepspeed "
                          "ds_configs/zero3.json)")
+    cuda = torch.cuda.is_available()
+    ds_file = deepspeed_config_file(cfg)
+    plugin, handlers = None, []
+    if ds_file:  # checked in full before the environment is touched
+        from accelerate.utils import DeepSpeedPlugin
+
+        config = deepspeed_config(ds_file, cfg, int(os.environ.get("WORLD_SIZE", "1")))
+        if not cuda:  # DeepSpeed's own device detection would look for CUDA
+            os.environ.setdefault("DS_ACCELERATOR", "cpu")
+            handlers.append(InitProcessGroupKwargs(backend="gloo"))
+        if "LOCAL_RANK" not in os.environ:  # plain `python`: DeepSpeed still needs a group
+            _single_process_group_env()
+        os.environ["ACCELERATE_USE_DEEPSPEED"] = "true"  # Accelerate reads it to start DeepSpeed
+        plugin = DeepSpeedPlugin(hf_ds_config=config)
     accelerator = Accelerator(cpu=not cuda and not plugin,
                               mixed_precision=cfg.mixed_precision, deepspeed_plugin=plugin,
                               kwargs_handlers=handlers, log_with=TRACKERS[cfg.report_to] or None,
