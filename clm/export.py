@@ -26,18 +26,12 @@ ZERO_TAG = "pytorch_model"  # the tag Accelerate's save_state gives DeepSpeed ch
 
 def _zero_weights(state_dir: Path) -> dict:
     """fp32 weights of a DeepSpeed ZeRO checkpoint, its per-rank partitions joined."""
-    import os
+    from .runtime import deepspeed_device
 
-    os.environ.setdefault("DS_ACCELERATOR", "cuda" if _has_cuda() else "cpu")
+    deepspeed_device()
     from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
     return get_fp32_state_dict_from_zero_checkpoint(str(state_dir), tag=ZERO_TAG)
-
-
-def _has_cuda() -> bool:
-    import torch
-
-    return torch.cuda.is_available()
 
 
 def load_training_weights(checkpoint: Path):

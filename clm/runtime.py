@@ -97,6 +97,12 @@ def deepspeed_config(path: str, cfg: TrainingConfig, world_size: int) -> dict:
     return config
 
 
+def deepspeed_device() -> None:
+    """Point DeepSpeed at the CPU where there is no CUDA (its own detection looks for CUDA)."""
+    if not torch.cuda.is_available():
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")
+
+
 def _single_process_group_env() -> None:
     """The variables torchrun would set, for a one-process group on a free local port."""
     import socket
@@ -125,8 +131,8 @@ def make_accelerator(cfg: TrainingConfig):
         from accelerate.utils import DeepSpeedPlugin
 
         config = deepspeed_config(ds_file, cfg, int(os.environ.get("WORLD_SIZE", "1")))
-        if not cuda:  # DeepSpeed's own device detection would look for CUDA
-            os.environ.setdefault("DS_ACCELERATOR", "cpu")
+        deepspeed_device()
+        if not cuda:
             handlers.append(InitProcessGroupKwargs(backend="gloo"))
         if "LOCAL_RANK" not in os.environ:  # plain `python`: DeepSpeed still needs a group
             _single_process_group_env()

@@ -182,9 +182,11 @@ def split_records(cfg: SFTDataConfig) -> tuple[list[dict], list[dict]]:
         return records, load_records(cfg, "validation")
     if not cfg.validation_split_percentage:
         return records, []
-    key = lambda r: repr(sorted(r.items()))  # noqa: E731
-    held = [r for r in records if is_heldout(key(r), cfg.validation_split_percentage)]
-    return [r for r in records if not is_heldout(key(r), cfg.validation_split_percentage)], held
+    train, held = [], []
+    for r in records:  # by content, so a record stays on its side however the file is ordered
+        (held if is_heldout(repr(sorted(r.items())), cfg.validation_split_percentage)
+         else train).append(r)
+    return train, held
 
 
 # ----------------------------------------------------------------------------- tokenize
