@@ -16,7 +16,10 @@ from __future__ import annotations
 from clm.config import DataConfig, ModelConfig, TrainingConfig, UsageError, run_cli
 
 
-def main(data_cfg: DataConfig, model_cfg: ModelConfig, train_cfg: TrainingConfig) -> dict:
+def main(data_cfg: DataConfig, model_cfg: ModelConfig, train_cfg: TrainingConfig,
+         batches=None) -> dict:
+    """Train and write the output folder; `batches` (benchmarks) replaces the training stream
+    with any endless iterable of batches that has state_dict/load_state_dict."""
     from accelerate.utils import set_seed
 
     from clm import checkpoint as ckpt, data, model as models, outputs, runtime, session
@@ -36,8 +39,9 @@ def main(data_cfg: DataConfig, model_cfg: ModelConfig, train_cfg: TrainingConfig
                                    world, data_cfg.dataloader_num_workers)
     session.check_resume(resume, fingerprint)
     source = data.open_source(data_cfg, "train")
-    batches = data.train_loader(data_cfg, tokenizer, train_cfg.per_device_train_batch_size,
-                                train_cfg.seed, rank, world, source)
+    if batches is None:
+        batches = data.train_loader(data_cfg, tokenizer, train_cfg.per_device_train_batch_size,
+                                    train_cfg.seed, rank, world, source)
     heldout = data.validation_blocks(data_cfg, tokenizer, source)
 
     # --- the run itself: the same for pretraining and finetuning

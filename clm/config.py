@@ -60,6 +60,17 @@ class DataConfig:
         "Shuffle shard order each epoch and documents within each window (resumable exactly).",
         default=True)
     shuffle_window: int = _help("Documents read and shuffled together.", default=1024)
+    shuffle_buffer_blocks: int = _help(
+        "Packed blocks permuted together before they are cut into micro-batches, so that a "
+        "micro-batch holds blocks of many documents rather than consecutive pieces of a few "
+        "(1: stream order). Memory: 2 x N x block_size x 4 bytes per DataLoader worker per "
+        "rank (2048 x 1024 tokens: 16 MiB); a resume re-reads at most 2 x N blocks.",
+        default=2048)
+    shuffle_readers: int = _help(
+        "Groups of shards (parquet row groups) each worker reads side by side when shuffling, so "
+        "that the documents shuffled together come from that many places in the dataset, not "
+        "from one stretch of it (capped by the shards each worker has). Memory: one row group "
+        "per reader in flight.", default=32)
     dataloader_num_workers: int = _help(
         "DataLoader worker processes that read and tokenize ahead of the training loop.",
         default=1)
@@ -76,6 +87,12 @@ class DataConfig:
                              "is out of range (use a value in [0, 100))")
         if self.shuffle_window < 1:
             raise UsageError("--shuffle_window must be >= 1")
+        if self.shuffle_readers < 1:
+            raise UsageError(f"--shuffle_readers {self.shuffle_readers} must be >= 1 "
+                             "(1 reads each worker's shards one after another)")
+        if self.shuffle_buffer_blocks < 1:
+            raise UsageError(f"--shuffle_buffer_blocks {self.shuffle_buffer_blocks} must be >= 1 "
+                             "(1 keeps stream order; 2048 is the default)")
         if self.dataloader_num_workers < 0:
             raise UsageError("--dataloader_num_workers must be >= 0")
 

@@ -27,6 +27,7 @@ import copy
 import functools
 import glob
 import hashlib
+import itertools
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -168,22 +169,52 @@ def encode(tokenizer, texts: list[str]) -> list[np.ndarray]:
 
 
 def pack(docs: Iterator[tuple[dict, np.ndarray]], block_size: int, skip: int = 0):
-    """Cut a stream of token documents into full blocks; yield (block, position of next token).
+    """Cut a stream of token documents into full blocks; yield (block, position, documents).
 
     No token is dropped or repeated between blocks: a document's tail is carried into the next
     block, which may span documents, windows and epochs. `skip` drops the first tokens of the
-    first document (the resume offset). The position is the document's and the offset in it.
+    first document (the resume offset). The position is that of the next token (the document's
+    and the offset in it); `documents` names the documents the block holds pieces of.
     """
-    pieces, have = [], 0
+    pieces, have, names = [], 0, []
     for pos, tokens in docs:
         i, skip = skip, 0
+        name = (pos.get("epoch"), pos.get("window"), pos.get("doc"))
         while i < len(tokens):
             take = min(block_size - have, len(tokens) - i)
             pieces.append(tokens[i:i + take])
+            names.append(name)
             have, i = have + take, i + take
             if have == block_size:
-                yield np.concatenate(pieces), {**pos, "offset": i}
-                pieces, have = [], 0
+                yield np.concatenate(pieces), {**pos, "offset": i}, names
+                pieces, have, names = [], 0, []
+
+
+def shuffle_blocks(make_blocks, size: int, seed: list[int], resume: Optional[dict] = None):
+    """Emit the blocks of `make_blocks(start)` in windows of `size`, each window permuted.
+
+    Consecutive blocks of a packed stream come from the same few documents; drawing a
+    micro-batch from a permuted window of `size` blocks makes its sequences nearly independent.
+    Yields (block, documents, state); `state` resumes right after that block: it names where
+    the current window starts in the stream, the window's number and how many of its blocks
+    were emitted. A resume re-packs that window (and the next one's blocks read so far), so its
+    cost is at most 2 x `size` blocks however much data was consumed. While a window is emitted
+    the next one is read a block at a time, so the reader never stalls for a whole window.
+    """
+    start = resume["start"] if resume else None
+    n, skip = (resume["window"], resume["emitted"]) if resume else (0, 0)
+    source = make_blocks(start)
+    window = list(itertools.islice(source, size))
+    while window:
+        order = np.random.default_rng([*seed, n]).permutation(len(window)) if size > 1 \
+            else range(len(window))
+        ahead = []
+        for i, j in enumerate(order):
+            if len(ahead) < size:
+                ahead.extend(itertools.islice(source, 1))
+            if i >= skip:
+                yield window[j][0], window[j][2], {"start": start, "window": n, "emitted": i + 1}
+        start, window, n, skip = window[-1][1], ahead, n + 1, 0
 
 
 def _epoch_key(seed: int, epoch: int) -> int:
@@ -202,6 +233,8 @@ class StreamSpec:
     seed: int = 0
     shuffle: bool = True
     window: int = 1024
+    shuffle_blocks: int = 1      # blocks permuted together (1: stream order)
+    readers: int = 1             # shard groups read side by side when shuffling
     select: str = "all"          # "all", "train" (not held out) or "heldout"
     heldout_percentage: float = 0.0
     infinite: bool = True        # cycle into new epochs (training) or stop at the end (eval)
@@ -220,7 +253,8 @@ class PackedBlocks(torch.utils.data.IterableDataset):
         self.resume_states: list[Optional[dict]] = [None] * max(1, spec.num_workers)
         self.worker_offset = 0
 
-    def _split(self, worker: int):
+    def _readers(self, worker: int) -> list:
+        """This worker's share of the source, as the streams it reads side by side."""
         from datasets.distributed import split_dataset_by_node
 
         s = self.spec
@@ -228,7 +262,13 @@ class PackedBlocks(torch.utils.data.IterableDataset):
         # Whole shards when there are enough for everyone; else every k-th document.
         strategy = "shards" if self.source.num_shards >= s.world_size * workers else "examples"
         ds = split_dataset_by_node(self.source, s.rank, s.world_size, strategy=strategy)
-        return split_dataset_by_node(ds, worker, workers, strategy=strategy)
+        ds = split_dataset_by_node(ds, worker, workers, strategy=strategy)
+        readers = min(s.readers, ds.num_shards) if s.shuffle and strategy == "shards" else 1
+        if readers <= 1:
+            return [ds]
+        # Contiguous groups of shards: each reader walks its own part of the dataset, so a
+        # window holds documents from `readers` places rather than from one stretch of it.
+        return [split_dataset_by_node(ds, j, readers, strategy="shards") for j in range(readers)]
 
     def _keep(self, text) -> bool:
         if not text:
@@ -239,24 +279,40 @@ class PackedBlocks(torch.utils.data.IterableDataset):
         return is_heldout(text, s.heldout_percentage) == (s.select == "heldout")
 
     def documents(self, worker: int, resume: Optional[dict] = None):
-        """Yield (position, tokens) for each document of this worker's stream, from `resume` on."""
+        """Yield (position, tokens) for each document of this worker's stream, from `resume` on.
+
+        A window takes `window / readers` documents from each reader still going; its position
+        is the readers' `datasets` states at its start.
+        """
         s = self.spec
         epoch = resume["epoch"] if resume else 0
         while True:
-            ds = self._split(worker)
+            readers = self._readers(worker)
             if s.shuffle:
-                ds.set_epoch(_epoch_key(s.seed, epoch))
+                for ds in readers:
+                    ds.set_epoch(_epoch_key(s.seed, epoch))
             window, first_doc, window_state = 0, 0, None
             if resume:
                 window, first_doc, window_state = resume["window"], resume["doc"], resume["hf_state"]
-                if window_state is not None:
-                    ds.load_state_dict(window_state)
+                for ds, state in zip(readers, window_state or []):
+                    ds.load_state_dict(state)
                 resume = None
             from_start, found = window == 0 and first_doc == 0, False
-            batches = ds.iter(batch_size=s.window)
+            per_reader = -(-s.window // len(readers))
+            streams = [ds.iter(batch_size=per_reader) for ds in readers]
+            live = list(range(len(streams)))
             try:
-                for batch in batches:
-                    texts = [t for t in batch[self.text_column] if self._keep(t)]
+                while live:
+                    texts = []
+                    for i in list(live):
+                        batch = next(streams[i], None)
+                        if batch is None:
+                            live.remove(i)
+                        else:
+                            texts += batch[self.text_column]
+                    if not live and not texts:
+                        break
+                    texts = [t for t in texts if self._keep(t)]
                     found = found or bool(texts)
                     if s.shuffle:
                         rng = np.random.default_rng([s.seed, epoch, window, s.rank, worker])
@@ -267,9 +323,10 @@ class PackedBlocks(torch.utils.data.IterableDataset):
                         for j, tokens in enumerate(encode(self.tokenizer, chunk)):
                             yield {**pos, "doc": lo + j}, tokens
                     first_doc, window = 0, window + 1
-                    window_state = copy.deepcopy(ds.state_dict())
+                    window_state = [copy.deepcopy(ds.state_dict()) for ds in readers]
             finally:
-                batches.close()
+                for stream in streams:
+                    stream.close()
             if not s.infinite:
                 return
             if from_start and not found:  # cycling an empty stream would spin forever
@@ -279,8 +336,14 @@ class PackedBlocks(torch.utils.data.IterableDataset):
             epoch += 1
 
     def blocks(self, worker: int, resume: Optional[dict] = None):
-        skip = resume["offset"] if resume else 0
-        yield from pack(self.documents(worker, resume), self.block_size, skip)
+        """Yield (block, documents, state) of this worker's stream, from `resume` on."""
+        s = self.spec
+
+        def packed(start):
+            return pack(self.documents(worker, start), self.block_size,
+                        start["offset"] if start else 0)
+        size = s.shuffle_blocks if s.shuffle else 1
+        yield from shuffle_blocks(packed, size, [s.seed, s.rank, worker, 0xB10C], resume)
 
     def __iter__(self):
         info = torch.utils.data.get_worker_info()
@@ -289,20 +352,21 @@ class PackedBlocks(torch.utils.data.IterableDataset):
         if (info.num_workers if info else 0) != self.spec.num_workers:
             raise RuntimeError("PackedBlocks must be iterated with its spec's num_workers")
         worker = (physical + self.worker_offset) % workers
-        batch, pos = [], None
-        for block, pos in self.blocks(worker, self.resume_states[worker]):
+        batch, docs, state = [], set(), None
+        for block, names, state in self.blocks(worker, self.resume_states[worker]):
             batch.append(block)
+            docs.update(names)
             if len(batch) == self.batch_size:
-                yield self._collate(batch, {"worker": worker, **pos})
-                batch = []
+                yield self._collate(batch, {"worker": worker, **state}, len(docs))
+                batch, docs = [], set()
         if batch:  # finite streams end with a short batch
-            yield self._collate(batch, {"worker": worker, **pos})
+            yield self._collate(batch, {"worker": worker, **state}, len(docs))
 
     @staticmethod
-    def _collate(blocks, state):
+    def _collate(blocks, state, documents: int):
         ids = torch.from_numpy(np.stack(blocks)).long()
         return {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids.clone(),
-                "_state": state}
+                "_state": state, "_documents": documents}
 
 
 class BlockLoader:
@@ -317,12 +381,14 @@ class BlockLoader:
         self.blocks, self.pin_memory, self.prefetch_factor = blocks, pin_memory, prefetch_factor
         self.worker_states: list[Optional[dict]] = [None] * max(1, blocks.spec.num_workers)
         self.batches = 0
+        self.documents_seen = 0  # distinct documents summed over micro-batches (a statistic)
 
     def _meta(self) -> dict:
         s = self.blocks.spec
         return {"rank": s.rank, "world_size": s.world_size, "num_workers": s.num_workers,
                 "block_size": self.blocks.block_size, "batch_size": self.blocks.batch_size,
-                "seed": s.seed, "shuffle": s.shuffle, "window": s.window}
+                "seed": s.seed, "shuffle": s.shuffle, "window": s.window,
+                "shuffle_blocks": s.shuffle_blocks, "readers": s.readers}
 
     def state_dict(self) -> dict:
         return {**self._meta(), "batches": self.batches,
@@ -346,6 +412,7 @@ class BlockLoader:
             worker_init_fn=_ignore_sigint)
         for batch in loader:
             state = batch.pop("_state")
+            self.documents_seen += batch.pop("_documents")
             self.worker_states[state["worker"]] = state
             self.batches += 1
             yield batch
@@ -368,6 +435,7 @@ def train_loader(cfg: DataConfig, tokenizer, batch_size: int, seed: int, rank: i
     carve = heldout_source(cfg) == "carve"
     spec = StreamSpec(rank=rank, world_size=world_size, num_workers=cfg.dataloader_num_workers,
                       seed=seed, shuffle=cfg.shuffle, window=cfg.shuffle_window,
+                      shuffle_blocks=cfg.shuffle_buffer_blocks, readers=cfg.shuffle_readers,
                       select="train" if carve else "all",
                       heldout_percentage=cfg.validation_split_percentage)
     blocks = PackedBlocks(source, tokenizer, cfg.block_size, batch_size, spec, cfg.text_column)
@@ -392,7 +460,7 @@ def validation_blocks(cfg: DataConfig, tokenizer, source=None) -> Optional[torch
                       heldout_percentage=cfg.validation_split_percentage)
     blocks = PackedBlocks(source, tokenizer, cfg.block_size, 1, spec, cfg.text_column)
     out = []
-    for block, _ in blocks.blocks(0):
+    for block, _, _ in blocks.blocks(0):
         if limit is not None and len(out) >= limit:
             break
         out.append(block)

@@ -23,6 +23,7 @@ import torch
 import torch.nn.functional as F
 
 from .config import TrainingConfig
+from . import runtime
 from .runtime import dist_info, is_deepspeed
 
 
@@ -46,12 +47,15 @@ def lr_at(step: int, cfg: TrainingConfig) -> float:
     return cfg.min_lr + 0.5 * (1 + math.cos(math.pi * progress)) * (cfg.learning_rate - cfg.min_lr)
 
 
-def make_optimizer(model, cfg: TrainingConfig) -> torch.optim.AdamW:
-    """AdamW with weight decay on matrices only (not biases, LayerNorms); fused on CUDA."""
+def make_optimizer(model, cfg: TrainingConfig, fused: bool = False) -> torch.optim.AdamW:
+    """AdamW with weight decay on matrices only (not biases, LayerNorms).
+
+    `fused` is decided by the caller from the device the parameters will live on
+    (`runtime.fused_optimizer`): the optimizer is built before `accelerator.prepare` moves them.
+    """
     params = [p for p in model.parameters() if p.requires_grad]
     decay = [p for p in params if p.dim() >= 2]
     no_decay = [p for p in params if p.dim() < 2]
-    fused = all(p.is_cuda for p in params)
     return torch.optim.AdamW(
         [{"params": decay, "weight_decay": cfg.weight_decay},
          {"params": no_decay, "weight_decay": 0.0}],
@@ -59,36 +63,83 @@ def make_optimizer(model, cfg: TrainingConfig) -> torch.optim.AdamW:
         fused=fused)
 
 
-def _all_reduce_sum(accelerator, tensor: torch.Tensor) -> torch.Tensor:
+def _all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:
     if dist_info()[1] > 1:
         torch.distributed.all_reduce(tensor)
     return tensor
 
 
-def token_nll(model, batch) -> torch.Tensor:
-    """Summed next-token NLL of a batch over its label tokens (labels are shifted here)."""
-    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
-                   use_cache=False).logits
-    return F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), batch["labels"][:, 1:].flatten(),
-                           ignore_index=-100, reduction="sum")
+def prepare_batch(batch: dict, device) -> tuple[dict, int, int]:
+    """Shift the labels and count tokens on the host, then copy to `device` without waiting.
+
+    Returns (batch for `token_nll`, label tokens, input tokens). Shifting the labels (position
+    t holds token t+1, the last is -100) lets the loss read the logits as they are, with no
+    shifted copy of the largest tensor of the step; counting on the host costs no device sync.
+    A mask with no padding is dropped: the model then takes its causal fast path.
+    """
+    labels = F.pad(batch["labels"][:, 1:], (0, 1), value=-100)
+    mask = batch["attention_mask"]
+    n_labels, n_tokens = int((labels != -100).sum()), int(mask.sum())
+    out = {"input_ids": batch["input_ids"], "labels": labels}
+    if n_tokens != mask.numel():
+        out["attention_mask"] = mask
+    if device.type == "cuda":  # pinned host memory: the copy overlaps the work queued before it
+        out = {k: v if v.is_pinned() else v.pin_memory() for k, v in out.items()}
+    return {k: v.to(device, non_blocking=True) for k, v in out.items()}, n_labels, n_tokens
 
 
-def forward_backward(model, micro_batches, accelerator) -> tuple[float, int, int]:
-    """One optimizer step's gradients; returns (mean loss over all label tokens, label tokens,
-    input tokens), each over all ranks."""
+def nll_sum(logits: torch.Tensor, labels: torch.Tensor, chunk_rows: int | None = None):
+    """Summed NLL of `logits` [N, V] against `labels` [N] (-100: no loss), computed in fp32.
+
+    fp32 logits go to cross-entropy as they are. Lower-precision logits (bf16/fp16 autocast)
+    are upcast `chunk_rows` rows at a time, each chunk recomputed in the backward pass, so fp32
+    logits of the whole micro-batch (4 bytes x tokens x vocabulary) never exist at once.
+    """
+    if chunk_rows is None:
+        chunk_rows = max(1, LOSS_CHUNK_ELEMENTS // logits.shape[-1])
+    if logits.dtype == torch.float32 or logits.shape[0] <= chunk_rows:
+        return F.cross_entropy(logits.float(), labels, ignore_index=-100, reduction="sum")
+    from torch.utils.checkpoint import checkpoint
+
+    total = torch.zeros((), dtype=torch.float32, device=logits.device)
+    for rows, targets in zip(logits.split(chunk_rows), labels.split(chunk_rows)):
+        total = total + checkpoint(_chunk_nll, rows, targets, use_reentrant=False)
+    return total
+
+
+LOSS_CHUNK_ELEMENTS = 2**26  # 256 MiB of fp32 logits per chunk
+
+
+def _chunk_nll(rows, targets):
+    return F.cross_entropy(rows.float(), targets, ignore_index=-100, reduction="sum")
+
+
+def token_nll(model, batch: dict) -> torch.Tensor:
+    """Summed next-token NLL of a `prepare_batch` batch (labels already shifted)."""
+    with runtime.sdpa_backends(masked="attention_mask" in batch):
+        logits = model(input_ids=batch["input_ids"], attention_mask=batch.get("attention_mask"),
+                       use_cache=False).logits
+    return nll_sum(logits.flatten(0, 1), batch["labels"].flatten())
+
+
+def forward_backward(model, micro_batches, accelerator) -> tuple[torch.Tensor, ...]:
+    """One optimizer step's gradients. Returns device tensors, summed over all ranks: the NLL
+    of every label token, the label tokens and the input tokens; nothing here waits for the
+    device (the caller reads them with its one sync of the step)."""
     device = accelerator.device
-    micro_batches = [{k: v.to(device, non_blocking=True) for k, v in b.items()}
-                     for b in micro_batches]
-    counts = torch.tensor([sum(int((b["labels"][:, 1:] != -100).sum()) for b in micro_batches),
-                           sum(int(b["attention_mask"].sum()) for b in micro_batches)],
-                          dtype=torch.float64, device=device)
-    labels, tokens = _all_reduce_sum(accelerator, counts).tolist()
+    prepared = [prepare_batch(b, device) for b in micro_batches]
+    counts = torch.tensor([sum(p[1] for p in prepared), sum(p[2] for p in prepared)],
+                          dtype=torch.float64)
     world = dist_info()[1]
+    if world > 1:  # the scale stays on the device: no sync for the global count
+        counts = _all_reduce_sum(counts.to(device))
+        scale = world / counts[0].clamp(min=1)
+    else:
+        scale = 1.0 / max(float(counts[0]), 1.0)
     total = torch.zeros((), dtype=torch.float64, device=device)
     deepspeed = is_deepspeed(accelerator)
-    for i, batch in enumerate(micro_batches):
-        last = i == len(micro_batches) - 1
-        scale = world / max(labels, 1)
+    for i, (batch, _, _) in enumerate(prepared):
+        last = i == len(prepared) - 1
         if deepspeed:
             # The engine would divide by its accumulation steps again, and Accelerate's wrapper
             # would step it after every micro-batch; the loss is already normalised.
@@ -101,8 +152,7 @@ def forward_backward(model, micro_batches, accelerator) -> tuple[float, int, int
                 nll = token_nll(model, batch)
                 accelerator.backward(nll * scale)
         total += nll.detach().double()
-    loss = _all_reduce_sum(accelerator, total).item() / max(labels, 1)
-    return loss, int(labels), int(tokens)
+    return _all_reduce_sum(total), counts[0].to(device), counts[1].to(device)
 
 
 @torch.no_grad()
@@ -126,14 +176,14 @@ def evaluate(model, heldout, batch_size: int, accelerator) -> float | None:
     model.eval()
     for i in range(passes):
         counted = i < len(mine)
-        batch = {k: v.to(accelerator.device) for k, v in (mine[i] if counted else filler).items()}
+        batch, labels, _ = prepare_batch(mine[i] if counted else filler, accelerator.device)
         with accelerator.autocast():
             nll = token_nll(model, batch).double()
         if counted:
             sums[0] += nll
-            sums[1] += (batch["labels"][:, 1:] != -100).sum()
+            sums[1] += labels
     model.train()
-    total, count = _all_reduce_sum(accelerator, sums).tolist()
+    total, count = _all_reduce_sum(sums).tolist()
     return total / count
 
 
@@ -151,41 +201,29 @@ def train(cfg: TrainingConfig, accelerator, model, optimizer, batches, state: Lo
     """
     model.train()
     data = iter(batches)
-    window_tokens, window_start = 0, time.perf_counter()
+    window = _Window()
     run_start = time.perf_counter() - state.elapsed_s
     while state.step < cfg.max_steps:
         lr = lr_at(state.step, cfg)
         for group in optimizer.param_groups:
             group["lr"] = lr
+        wait = time.perf_counter()
         micro = [next(data) for _ in range(cfg.gradient_accumulation_steps)]
-        loss, _, tokens = forward_backward(model, micro, accelerator)
-        grad_norm, finite = _optimizer_step(accelerator, model, optimizer, cfg, loss)
-        if finite:
-            state.bad_steps = 0
-        else:
-            state.bad_steps += 1
-            state.skipped += 1
+        window.data_s += time.perf_counter() - wait
+        nll, labels, tokens = forward_backward(model, micro, accelerator)
+        nll, labels, tokens, grad_norm, finite = _optimizer_step(
+            accelerator, model, optimizer, cfg, nll, labels, tokens)
+        state.bad_steps = 0 if finite else state.bad_steps + 1
+        state.skipped += not finite
         state.step += 1
         state.tokens += tokens
-        window_tokens += tokens
         state.elapsed_s = time.perf_counter() - run_start
+        window.add(nll, labels, tokens, finite)
         logger.advance()
         if not finite or state.step % cfg.logging_steps == 0 or state.step == cfg.max_steps:
-            now = time.perf_counter()
-            tps = window_tokens / max(now - window_start, 1e-9)
-            record = {"step": state.step, "tokens": state.tokens,
-                      "loss": loss if finite else None, "lr": lr,
-                      "grad_norm": grad_norm if math.isfinite(grad_norm) else None,
-                      "tokens_per_sec": round(tps, 1), "elapsed_s": round(state.elapsed_s, 3)}
-            # model FLOPs utilisation per device; None where the peak is unknown (CPUs)
-            record["mfu"] = round(flops_per_token * tps / (peak_flops * dist_info()[1]), 4) \
-                if flops_per_token and peak_flops else None
-            if accelerator.device.type == "cuda":  # this rank's peak, since the start
-                record["max_memory_gb"] = round(torch.cuda.max_memory_allocated() / 2**30, 3)
-            if not finite:
-                record["skipped"] = True
-            logger.log_train(record)
-            window_tokens, window_start = 0, now
+            logger.log_train(window.record(state, lr, grad_norm, flops_per_token, peak_flops,
+                                           accelerator.device))
+            window = _Window()
         if state.bad_steps >= cfg.max_bad_steps:
             raise FloatingPointError(
                 f"{state.bad_steps} optimizer steps in a row had a non-finite loss or gradient "
@@ -204,30 +242,75 @@ def train(cfg: TrainingConfig, accelerator, model, optimizer, batches, state: Lo
     return state
 
 
-def _optimizer_step(accelerator, model, optimizer, cfg: TrainingConfig,
-                    loss: float) -> tuple[float, bool]:
-    """Clip and step unless the loss or gradient is non-finite; returns (grad norm, stepped)."""
+class _Window:
+    """The steps since the last log line: the logged loss is their token-weighted mean, as the
+    HF Trainer logs it, so a curve drawn every N steps is not one noisy step in N."""
+
+    def __init__(self):
+        self.nll = self.labels = self.tokens = self.skipped = 0
+        self.data_s, self.start = 0.0, time.perf_counter()
+
+    def add(self, nll: float, labels: int, tokens: int, finite: bool) -> None:
+        self.tokens += tokens
+        if finite:
+            self.nll, self.labels = self.nll + nll, self.labels + labels
+        else:
+            self.skipped += 1
+
+    def record(self, state: LoopState, lr: float, grad_norm: float, flops_per_token, peak_flops,
+               device) -> dict:
+        seconds = max(time.perf_counter() - self.start, 1e-9)
+        tps = self.tokens / seconds
+        record = {"step": state.step, "tokens": state.tokens,
+                  "loss": self.nll / self.labels if self.labels else None, "lr": lr,
+                  "grad_norm": grad_norm if math.isfinite(grad_norm) else None,
+                  "tokens_per_sec": round(tps, 1), "elapsed_s": round(state.elapsed_s, 3),
+                  # share of the time the loop waited for the DataLoader
+                  "data_wait": round(self.data_s / seconds, 4)}
+        # model FLOPs utilisation per device; None where the peak is unknown (CPUs)
+        record["mfu"] = round(flops_per_token * tps / (peak_flops * dist_info()[1]), 4) \
+            if flops_per_token and peak_flops else None
+        if device.type == "cuda":  # this rank's peak, since the start
+            record["max_memory_gb"] = round(torch.cuda.max_memory_allocated() / 2**30, 3)
+        if self.skipped:
+            record["skipped"] = self.skipped
+        return record
+
+
+def _optimizer_step(accelerator, model, optimizer, cfg: TrainingConfig, nll, labels, tokens):
+    """Clip and step unless the loss or gradient is non-finite.
+
+    Takes forward_backward's device tensors and reads them, with the gradient norm, in the one
+    host sync of the step; returns (summed NLL, label tokens, input tokens, grad norm, stepped).
+    """
     if is_deepspeed(accelerator):
         # The engine clips (gradient_clipping = --max_grad_norm), steps and zeroes the
         # gradients itself; only its fp16 loss scaler skips overflowing steps, so under bf16/fp32
         # a non-finite step is counted and --max_bad_steps stops the run, but not undone.
         model.step()
         norm = model.get_global_grad_norm()  # None where the engine did not compute one
+        nll, labels, tokens = torch.stack([nll, labels, tokens]).tolist()
+        loss = nll / max(labels, 1)
         grad_norm = float("nan") if norm is None else float(norm)
-        return grad_norm, math.isfinite(loss) and (norm is None or math.isfinite(grad_norm))
-    grad_norm = _clip(accelerator, model, cfg.max_grad_norm)
+        finite = math.isfinite(loss) and (norm is None or math.isfinite(grad_norm))
+        return nll, int(labels), int(tokens), grad_norm, finite
+    norm = _clip(accelerator, model, cfg.max_grad_norm)
+    nll, labels, tokens, grad_norm = torch.stack(
+        [nll, labels, tokens, norm.to(nll.device, torch.float64)]).tolist()
+    loss = nll / max(labels, 1)
     # Under fp16 the grad scaler skips overflowing steps itself; those are not bad steps.
     finite = math.isfinite(loss) and (math.isfinite(grad_norm) or cfg.mixed_precision == "fp16")
     if finite:
         optimizer.step()
     # else skip the update: one bad batch must not poison the weights
     optimizer.zero_grad(set_to_none=True)
-    return grad_norm, finite
+    return nll, int(labels), int(tokens), grad_norm, finite
 
 
-def _clip(accelerator, model, max_norm: float) -> float:
+def _clip(accelerator, model, max_norm: float) -> torch.Tensor:
+    """The global gradient norm as a tensor (clipping to `max_norm` when it is > 0)."""
     if max_norm > 0:
-        return float(accelerator.clip_grad_norm_(model.parameters(), max_norm))
+        return torch.as_tensor(accelerator.clip_grad_norm_(model.parameters(), max_norm))
     norms = [p.grad.detach().float().norm() for p in model.parameters() if p.grad is not None]
-    return float(torch.stack(norms).norm()) if norms else 0.0
+    return torch.stack(norms).norm() if norms else torch.zeros(())
 

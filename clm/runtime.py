@@ -22,6 +22,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+from contextlib import nullcontext
 
 import torch
 
@@ -114,6 +115,69 @@ def _single_process_group_env() -> None:
                       MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
 
 
+def configure_cuda_math(cuda: bool) -> None:
+    """TF32 matmuls and convolutions on CUDA: fp32 work (optimizer maths, anything outside
+    autocast) runs on the tensor cores at ~1e-3 relative precision, as nanoGPT and llm.c do."""
+    if cuda:
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+
+
+def fused_optimizer(accelerator) -> bool:
+    """Whether AdamW should be fused: the parameters will live on CUDA (decided from the
+    accelerator's device, since the optimizer is built before `prepare` moves the model), and
+    DeepSpeed does not keep the optimizer states on the CPU."""
+    if accelerator.device.type != "cuda":
+        return False
+    if is_deepspeed(accelerator):
+        zero = accelerator.state.deepspeed_plugin.deepspeed_config.get("zero_optimization", {})
+        return zero.get("offload_optimizer", {}).get("device", "none") in ("none", None)
+    return True
+
+
+_SDPA_BACKENDS: list | None = None  # chosen once per process by choose_attention()
+
+
+def choose_attention(device: torch.device, mixed_precision: str, attn_implementation: str,
+                     head_dim: int) -> list | None:
+    """On CUDA with SDPA under bf16/fp16, restrict attention to the flash kernel.
+
+    Probed now on a tensor of the model's head size, so that a GPU or shape it cannot serve is
+    a one-line error before training instead of a silent fallback to the slow math kernel.
+    Padded batches (finetuning) carry a mask, which flash cannot take; they may also use the
+    memory-efficient kernel. Returns the backends chosen (None: no restriction, e.g. on CPU).
+    """
+    global _SDPA_BACKENDS
+    _SDPA_BACKENDS = None
+    if device.type != "cuda" or attn_implementation != "sdpa" or \
+            mixed_precision not in ("bf16", "fp16"):
+        return None
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    dtype = torch.bfloat16 if mixed_precision == "bf16" else torch.float16
+    q = torch.randn(1, 2, 64, head_dim, device=device, dtype=dtype)
+    try:
+        with sdpa_kernel([SDPBackend.FLASH_ATTENTION]):
+            torch.nn.functional.scaled_dot_product_attention(q, q, q, is_causal=True)
+    except RuntimeError as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise UsageError(f"SDPA's flash kernel cannot run on {torch.cuda.get_device_name(device)}"
+                         f" for head size {head_dim} in {mixed_precision}: {first} (use an "
+                         "Ampere or newer GPU, or --attn_implementation eager)") from None
+    _SDPA_BACKENDS = [SDPBackend.FLASH_ATTENTION]
+    return _SDPA_BACKENDS
+
+
+def sdpa_backends(masked: bool = False):
+    """The context a forward pass runs in: SDPA limited to the backends choose_attention()
+    picked (memory-efficient attention allowed too for masked batches); a no-op on CPU."""
+    if _SDPA_BACKENDS is None:
+        return nullcontext()
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    return sdpa_kernel(_SDPA_BACKENDS + ([SDPBackend.EFFICIENT_ATTENTION] if masked else []))
+
+
 def make_accelerator(cfg: TrainingConfig):
     from accelerate import Accelerator
     from accelerate.utils import InitProcessGroupKwargs
@@ -125,6 +189,7 @@ def make_accelerator(cfg: TrainingConfig):
                          "accelerate_configs/deepspeed_zero3.yaml or --deepspeed "
                          "ds_configs/zero3.json)")
     cuda = torch.cuda.is_available()
+    configure_cuda_math(cuda)
     ds_file = deepspeed_config_file(cfg)
     plugin, handlers = None, []
     if ds_file:  # checked in full before the environment is touched

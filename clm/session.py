@@ -43,7 +43,10 @@ def run_training(accelerator, train_cfg: TrainingConfig, model, tokenizer, batch
     out = Path(train_cfg.output_dir)
     run["name"] = train_cfg.run_name or out.resolve().name
     fpt = models.flops_per_token(model, seq_len)
-    optimizer = loop.make_optimizer(model, train_cfg)
+    optimizer = loop.make_optimizer(model, train_cfg, fused=runtime.fused_optimizer(accelerator))
+    runtime.choose_attention(accelerator.device, train_cfg.mixed_precision,
+                             model.config._attn_implementation,
+                             model.config.hidden_size // model.config.num_attention_heads)
     if train_cfg.torch_compile:
         model = torch.compile(model)
     model, optimizer = accelerator.prepare(model, optimizer)

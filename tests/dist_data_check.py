@@ -18,7 +18,7 @@ def main(corpus, tokenizer_dir, out):
     rank, world = dist.get_rank(), dist.get_world_size()
     tok = load_tokenizer(tokenizer_dir)
     cfg = DataConfig(dataset_name=corpus, block_size=32, dataloader_num_workers=1,
-                     validation_split_percentage=0)
+                     shuffle_buffer_blocks=16, validation_split_percentage=0)
     source = open_source(cfg)
     spec = StreamSpec(rank=rank, world_size=world, infinite=False, seed=5)
     docs, tokens = [], 0
@@ -35,7 +35,7 @@ def main(corpus, tokenizer_dir, out):
         done += 1
         if done == steps:
             break
-    epochs = max(w["epoch"] for w in loader.state_dict()["workers"])
+    epochs = max(w["start"]["epoch"] for w in loader.state_dict()["workers"] if w["start"])
     gathered = [None] * world
     dist.all_gather_object(gathered, {"docs": docs, "tokens": tokens, "done": done,
                                       "epochs": epochs})

@@ -36,7 +36,7 @@ def test_pack_loses_and_duplicates_nothing():
             for n in rng.integers(0, 40, size=50)]
     out = list(pack(((({"doc": i}), d) for i, d in enumerate(docs)), block_size=16))
     stream = np.concatenate(docs)
-    blocks = [b for b, _ in out]
+    blocks = [b for b, _, _ in out]
     assert all(len(b) == 16 for b in blocks)
     assert len(blocks) == len(stream) // 16
     np.testing.assert_array_equal(np.concatenate(blocks), stream[:len(blocks) * 16])
@@ -46,7 +46,7 @@ def test_pack_loses_and_duplicates_nothing():
     pos = out[k - 1][1]
     rest = pack(((({"doc": i}), d) for i, d in enumerate(docs) if i >= pos["doc"]), 16,
                 skip=pos["offset"])
-    np.testing.assert_array_equal(np.concatenate([b for b, _ in rest]),
+    np.testing.assert_array_equal(np.concatenate([b for b, _, _ in rest]),
                                   np.concatenate(blocks[k:]))
 
 
@@ -63,8 +63,10 @@ def test_blocks_hold_documents_joined_by_eos(corpus_dir, tokenizer):
 
 # ---------------------------------------------------------------- sharding
 
-@pytest.mark.parametrize("kind", ["parquet_row_groups", "single_jsonl"])
-def test_ranks_and_workers_are_disjoint_and_complete(corpus_dir, jsonl_file, tokenizer, kind):
+@pytest.mark.parametrize("kind,readers", [("parquet_row_groups", 1), ("parquet_row_groups", 3),
+                                          ("single_jsonl", 4)])
+def test_ranks_and_workers_are_disjoint_and_complete(corpus_dir, jsonl_file, tokenizer, kind,
+                                                     readers):
     if kind == "parquet_row_groups":
         cfg = DataConfig(dataset_name=str(corpus_dir))
     else:  # one file: one shard, so datasets splits by document instead
@@ -74,7 +76,7 @@ def test_ranks_and_workers_are_disjoint_and_complete(corpus_dir, jsonl_file, tok
     for rank in range(2):
         for worker in range(2):
             seen.append(epoch_docs(source, tokenizer, rank=rank, world_size=2, num_workers=2,
-                                   worker=worker, seed=1))
+                                   worker=worker, seed=1, readers=readers, window=8))
     flat = [d for part in seen for d in part]
     assert all(seen), "every rank and worker gets data"
     assert len(flat) == len(set(flat)), "no document is read twice"
@@ -88,6 +90,45 @@ def test_shuffle_changes_order_per_epoch_and_seed(corpus_dir, tokenizer):
     a = epoch_docs(source, tokenizer, seed=1, window=50)
     assert a == epoch_docs(source, tokenizer, seed=1, window=50) and sorted(a) == plain
     assert a != plain and a != epoch_docs(source, tokenizer, seed=2, window=50)
+
+
+def test_readers_spread_a_window_over_the_dataset(corpus_dir, tokenizer):
+    """The corpus is stored in document order; one reader's first window is one stretch of
+    it, several readers' first window comes from that many places."""
+    source = open_source(DataConfig(dataset_name=str(corpus_dir)))
+    first = {r: epoch_docs(source, tokenizer, seed=1, window=24, readers=r)[:24] for r in (1, 6)}
+    spread = {r: len({d // 20 for d in docs}) for r, docs in first.items()}  # 20 per row group
+    assert spread[1] <= 2 and spread[6] >= 6, first
+
+
+def block_stream(cfg, tokenizer, batches):
+    loader = train_loader(cfg, tokenizer, batch_size=4, seed=2)
+    blocks = [row.tolist() for batch in take(loader, batches) for row in batch]
+    return blocks, loader.documents_seen / loader.batches
+
+
+def test_block_shuffle_permutes_windows_and_mixes_documents(corpus_dir, tokenizer):
+    cfg = DataConfig(dataset_name=str(corpus_dir), block_size=16, shuffle_buffer_blocks=1,
+                     dataloader_num_workers=0, validation_split_percentage=0)
+    plain, plain_docs = block_stream(cfg, tokenizer, 40)
+    cfg.shuffle_buffer_blocks = 32
+    mixed, mixed_docs = block_stream(cfg, tokenizer, 40)
+    assert mixed != plain
+    for lo in range(0, 160, 32):  # the same blocks, each window of 32 permuted in itself
+        assert sorted(mixed[lo:lo + 32]) == sorted(plain[lo:lo + 32])
+    # consecutive 16-token blocks share documents; drawn from a window they rarely do
+    assert mixed_docs > 1.5 * plain_docs, (plain_docs, mixed_docs)
+
+
+@pytest.mark.parametrize("option", ["--shuffle_buffer_blocks", "--shuffle_readers"])
+def test_shuffle_sizes_below_one_are_one_line_errors(tmp_path, option):
+    proc = subprocess.run([sys.executable, "train_clm.py", "--output_dir", str(tmp_path / "o"),
+                           "--train_files", "x.txt", option, "0"],
+                          capture_output=True, text=True, cwd=ROOT)
+    assert proc.returncode == 2
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith(f"error: {option} 0 must be >= 1"), lines
+    assert not (tmp_path / "o").exists()
 
 
 def test_two_process_torchrun_sharding(tmp_path, corpus_dir, tokenizer_dir):
@@ -147,10 +188,11 @@ def take(loader, n):
     return out
 
 
-@pytest.mark.parametrize("workers", [0, 2])
-def test_state_round_trip_continues_exactly(corpus_dir, tokenizer, workers):
+@pytest.mark.parametrize("workers,shuffle_blocks", [(0, 1), (0, 12), (2, 12)])
+def test_state_round_trip_continues_exactly(corpus_dir, tokenizer, workers, shuffle_blocks):
     cfg = DataConfig(dataset_name=str(corpus_dir), block_size=64, shuffle_window=16,
-                     dataloader_num_workers=workers, validation_split_percentage=10)
+                     shuffle_buffer_blocks=shuffle_blocks, dataloader_num_workers=workers,
+                     validation_split_percentage=10)
 
     def loader():
         return train_loader(cfg, tokenizer, batch_size=4, seed=3)
@@ -166,7 +208,7 @@ def test_state_round_trip_continues_exactly(corpus_dir, tokenizer, workers):
         tail = take(resumed, total - k)
         for got, want in zip(head + tail, reference):
             assert (got == want).all()
-    epochs = {w["epoch"] for w in first.state_dict()["workers"] if w}
+    epochs = {w["start"]["epoch"] for w in first.state_dict()["workers"] if w and w["start"]}
     assert max(epochs) >= 1, "the test must cross an epoch boundary"
 
 
@@ -217,12 +259,14 @@ def test_bad_option_values():
         DataConfig(validation_split_percentage=100)
 
 
-def test_resume_reads_one_window_not_the_consumed_data(corpus_dir, tokenizer, monkeypatch):
+@pytest.mark.parametrize("readers", [1, 3])
+def test_resume_reads_one_window_not_the_consumed_data(corpus_dir, tokenizer, monkeypatch,
+                                                      readers):
     from datasets.packaged_modules.parquet.parquet import Parquet
 
-    cfg = DataConfig(dataset_name=str(corpus_dir), block_size=64, shuffle_window=16,
-                     dataloader_num_workers=0, validation_split_percentage=0)
-    source = open_source(cfg)
+    cfg = DataConfig(dataset_name=str(corpus_dir), block_size=64, shuffle_window=15,
+                     shuffle_buffer_blocks=4, shuffle_readers=readers, dataloader_num_workers=0,
+                     validation_split_percentage=0)
     rows = []
     original = Parquet._generate_tables
 
@@ -231,21 +275,27 @@ def test_resume_reads_one_window_not_the_consumed_data(corpus_dir, tokenizer, mo
             rows.append(len(table))
             yield key, table
 
+    # before the source is opened: it binds the reading method then
     monkeypatch.setattr(Parquet, "_generate_tables", counting)
-    read = {}
+    source = open_source(cfg)
+    read = []
     for consumed_batches in (20, 60):
+        rows.clear()
         first = train_loader(cfg, tokenizer, batch_size=4, seed=0, source=source)
         take(first, consumed_batches)
+        consumed = sum(rows)
         state = first.state_dict()
-        assert state["workers"][0]["epoch"] == 0
+        assert state["workers"][0]["start"]["epoch"] == 0
         rows.clear()
         resumed = train_loader(cfg, tokenizer, batch_size=4, seed=0, source=source)
         resumed.load_state_dict(state)
         take(resumed, 1)
-        read[state["workers"][0]["window"] * 16] = sum(rows)
-    (early, early_rows), (late, late_rows) = sorted(read.items())
-    # seeks by row group (20 rows here): the cost stays the same however much was consumed
-    assert late >= 160 and early_rows == late_rows <= 5 * 20 < late, read
+        read.append((consumed, sum(rows)))
+    (_, early), (late_consumed, late) = read
+    # seeks by row group (20 rows here) in each reader: a resume reads a few row groups per
+    # reader, the same however much was consumed
+    bound = 20 * (3 * readers + 1)
+    assert 0 < early <= bound and 0 < late <= bound < late_consumed, read
 
 
 def test_streaming_off_and_text_files_read_the_same_documents(corpus_dir, tmp_path, tokenizer,

@@ -1,0 +1,180 @@
+"""Training throughput of train_clm.py's real loop, beside a minimal hand-written GPT-2 loop.
+
+    python bench/train_throughput.py                                   # tiny preset, demo data, CPU
+    python bench/train_throughput.py --preset gpt2 --block_size 1024 --batch_size 16 \
+        --mixed_precision bf16 --torch_compile --vocab_size 50257      # a GPU, GPT-2 shapes
+
+Each measurement runs in its own process (so peak memory and compile caches are its own):
+(a) `train_clm.main` on the demo stream with the given preset, batch, accumulation, precision,
+attention and compile setting, timed from its own per-step metrics after `--warmup` steps;
+(b) bench/reference_gpt.py's GPT-2 of the same shapes in nanoGPT's plain loop, on random crops
+of a token array. Prints one JSON object: tokens/s, step time, the loop's data-wait fraction,
+MFU where the GPU's peak is known, peak memory, and ours / reference.
+`--vocab_size` pads the demo tokenizer with unused tokens so the model has GPT-2's vocabulary.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path[:0] = [str(ROOT), str(ROOT / "bench")]
+
+
+def peak_memory_gb(device) -> float:
+    import torch
+
+    if device.type == "cuda":
+        return round(torch.cuda.max_memory_allocated() / 2**30, 3)
+    return round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, 3)  # KiB -> GiB
+
+
+def padded_tokenizer(name: str, vocab_size: int | None, work: Path) -> str:
+    if not vocab_size:
+        return name
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(name)
+    if vocab_size > len(tok):
+        tok.add_tokens([f"<|unused{i}|>" for i in range(vocab_size - len(tok))])
+    tok.save_pretrained(work / "tokenizer")
+    return str(work / "tokenizer")
+
+
+def ours(args, work: Path) -> dict:
+    import torch
+
+    import train_clm
+    from clm.config import DataConfig, ModelConfig, TrainingConfig, parse_config
+
+    steps = args.warmup + args.steps
+    argv = ["--config", args.config, "--output_dir", str(work / "run"), "--overwrite_output_dir",
+            "--model_preset", args.preset, "--block_size", str(args.block_size),
+            "--tokenizer_name", args.tokenizer, "--max_steps", str(steps),
+            "--warmup_steps", "2", "--per_device_train_batch_size", str(args.batch_size),
+            "--gradient_accumulation_steps", str(args.grad_accum),
+            "--mixed_precision", args.mixed_precision, "--attn_implementation", args.attn,
+            "--torch_compile", str(args.torch_compile), "--logging_steps", "1",
+            "--eval_steps", "0", "--save_steps", "0", "--num_samples", "0",
+            "--validation_split_tokens", str(args.block_size * 4),
+            "--dataloader_num_workers", str(args.workers)]
+    run = train_clm.main(*parse_config([DataConfig, ModelConfig, TrainingConfig], argv))
+    records = [json.loads(x) for x in (work / "run" / "metrics.jsonl").read_text().splitlines()]
+    train = [r for r in records if "loss" in r]
+    timed = [r for r in train if r["step"] > args.warmup]
+    seconds = timed[-1]["elapsed_s"] - train[args.warmup - 1]["elapsed_s"]
+    tokens = timed[-1]["tokens"] - train[args.warmup - 1]["tokens"]
+    wait = sum(r["data_wait"] * r["tokens"] / r["tokens_per_sec"] for r in timed)
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    mfus = [r["mfu"] for r in timed if r.get("mfu") is not None]
+    return {"tokens_per_sec": round(tokens / seconds, 1),
+            "step_s": round(seconds / len(timed), 4), "data_wait": round(wait / seconds, 4),
+            "mfu": round(sum(mfus) / len(mfus), 4) if mfus else None,
+            "peak_memory_gb": peak_memory_gb(device), "params": run["model_info"]["params"],
+            "final_loss": timed[-1]["loss"]}
+
+
+def reference(args) -> dict:
+    import numpy as np
+    import torch
+    from transformers import AutoTokenizer
+
+    from clm.model import PRESET_SHAPES, padded_vocab, peak_flops
+    from reference_gpt import GPT, RandomCrops, plain_train
+
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    vocab = padded_vocab(len(AutoTokenizer.from_pretrained(args.tokenizer)))
+    n_layer, n_head, n_embd, _ = PRESET_SHAPES[args.preset]
+    torch.manual_seed(0)
+    model = GPT(vocab, n_layer, n_head, n_embd, args.block_size).to(device)
+    tokens = np.random.default_rng(0).integers(0, vocab, size=2_000_000)
+    crops = RandomCrops(tokens, args.block_size, args.batch_size, seed=0, device=device)
+    run = model
+    if args.torch_compile:
+        run = torch.compile(model)
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(args.mixed_precision)
+    out = plain_train(run, crops, args.warmup + args.steps, accum=args.grad_accum,
+                      lr=6e-4, warmup=2, warmup_steps_excluded=args.warmup, autocast_dtype=dtype)
+    n = sum(p.numel() for p in model.parameters())
+    non_embedding = n - model.wte.weight.numel() - model.wpe.weight.numel()
+    fpt = 6 * non_embedding + 6 * n_embd * vocab + 12 * n_layer * n_embd * args.block_size
+    peak = peak_flops(device)
+    tps = out["tokens_per_sec"]
+    return {"tokens_per_sec": round(tps, 1),
+            "step_s": round(out["seconds"] / args.steps, 4), "data_wait": None,
+            "mfu": round(fpt * tps / peak, 4) if peak else None,
+            "peak_memory_gb": peak_memory_gb(device), "params": n,
+            "final_loss": out["losses"][-1]}
+
+
+def child(which: str, args) -> None:
+    with tempfile.TemporaryDirectory(prefix="bench-tput-") as work:
+        result = ours(args, Path(work)) if which == "ours" else reference(args)
+    print("RESULT " + json.dumps(result), flush=True)
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--config", default=str(ROOT / "configs/demo_cpu.yaml"),
+                   help="train_clm.py YAML giving the data and tokenizer")
+    p.add_argument("--preset", default="tiny")
+    p.add_argument("--block_size", type=int, default=256)
+    p.add_argument("--batch_size", type=int, default=16)
+    p.add_argument("--grad_accum", type=int, default=1)
+    p.add_argument("--mixed_precision", default="no", choices=["no", "bf16", "fp16"])
+    p.add_argument("--attn", default="sdpa", choices=["sdpa", "eager", "flash_attention_2"])
+    p.add_argument("--torch_compile", action="store_true")
+    p.add_argument("--workers", type=int, default=1, help="--dataloader_num_workers for ours")
+    p.add_argument("--warmup", type=int, default=5, help="steps excluded from the timing")
+    p.add_argument("--steps", type=int, default=30, help="timed steps")
+    p.add_argument("--vocab_size", type=int, default=None,
+                   help="pad the tokenizer to this many tokens (50257: GPT-2's vocabulary)")
+    p.add_argument("--tokenizer", default=None, help=argparse.SUPPRESS)
+    p.add_argument("--only", choices=["ours", "reference"], default=None)
+    p.add_argument("--child", choices=["ours", "reference"], default=None, help=argparse.SUPPRESS)
+    args = p.parse_args()
+    if args.child:
+        return child(args.child, args)
+    import torch
+    import yaml
+
+    with tempfile.TemporaryDirectory(prefix="bench-tput-tok-") as work:
+        base = yaml.safe_load(open(args.config)).get("tokenizer_name")
+        tok = padded_tokenizer(str(ROOT / base) if not os.path.isabs(base) and
+                               (ROOT / base).exists() else base, args.vocab_size, Path(work))
+        results = {}
+        for which in ("ours", "reference"):
+            if args.only and which != args.only:
+                continue
+            cmd = [sys.executable, __file__, *sys.argv[1:], "--child", which, "--tokenizer", tok]
+            start = time.perf_counter()
+            proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT)
+            lines = [x for x in proc.stdout.splitlines() if x.startswith("RESULT ")]
+            if proc.returncode or not lines:
+                sys.exit(f"{which} failed:\n{proc.stderr[-4000:]}")
+            results[which] = {**json.loads(lines[-1][7:]),
+                              "wall_s": round(time.perf_counter() - start, 1)}
+    ratio = None
+    if "ours" in results and "reference" in results:
+        ratio = round(results["ours"]["tokens_per_sec"] / results["reference"]["tokens_per_sec"], 3)
+    device = torch.cuda.get_device_name() if torch.cuda.is_available() else \
+        f"cpu ({os.cpu_count()} cores, {torch.get_num_threads()} threads)"
+    print(json.dumps({"bench": "train_throughput", "device": device, "preset": args.preset,
+                      "block_size": args.block_size, "batch_size": args.batch_size,
+                      "grad_accum": args.grad_accum, "mixed_precision": args.mixed_precision,
+                      "attn": args.attn, "torch_compile": args.torch_compile,
+                      "workers": args.workers, "vocab_size": args.vocab_size,
+                      "timed_steps": args.steps, "warmup_steps": args.warmup, **results,
+                      "ours_over_reference": ratio}, indent=1))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,152 @@
+"""The loop's pieces: loss on shifted labels, chunked fp32 loss, host-side counts, the GPU-path
+decisions (fused AdamW, flash attention, TF32) taken on CPU, and the logged loss window."""
+
+from types import SimpleNamespace
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from clm import loop, runtime
+from clm.config import TrainingConfig
+from helpers import metrics, run, toy_args
+
+
+def toy_model(vocab=50, attn="sdpa"):
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    torch.manual_seed(0)
+    config = GPT2Config(n_layer=2, n_head=2, n_embd=32, n_positions=16, vocab_size=vocab,
+                        resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, bos_token_id=0,
+                        eos_token_id=0)
+    model = GPT2LMHeadModel(config)
+    model.set_attn_implementation(attn)
+    return model
+
+
+def test_chunked_loss_equals_plain_in_value_and_gradient():
+    torch.manual_seed(0)
+    logits = (torch.randn(50, 37) * 3).to(torch.bfloat16)
+    labels = torch.randint(0, 37, (50,))
+    labels[::7] = -100
+    a = logits.clone().requires_grad_()
+    b = logits.clone().requires_grad_()
+    plain = F.cross_entropy(a.float(), labels, ignore_index=-100, reduction="sum")
+    chunked = loop.nll_sum(b, labels, chunk_rows=8)  # 7 chunks, the last one short
+    plain.backward()
+    chunked.backward()
+    assert chunked.dtype == torch.float32
+    assert chunked.item() == pytest.approx(plain.item(), rel=1e-6)
+    assert torch.equal(a.grad, b.grad), "each row's gradient is computed the same way"
+    # fp32 logits take the plain path (no copy, no recompute)
+    x = torch.randn(10, 5)
+    assert loop.nll_sum(x, torch.arange(10) % 5, chunk_rows=2).item() == pytest.approx(
+        F.cross_entropy(x, torch.arange(10) % 5, reduction="sum").item(), rel=1e-6)
+
+
+def test_shifted_labels_give_the_loss_of_shifted_logits():
+    model = toy_model()
+    ids = torch.randint(1, 50, (3, 16))
+    labels = ids.clone()
+    labels[0, :5] = -100  # e.g. a prompt without loss
+    mask = torch.ones_like(ids)
+    batch, n_labels, n_tokens = loop.prepare_batch(
+        {"input_ids": ids, "attention_mask": mask, "labels": labels}, torch.device("cpu"))
+    assert "attention_mask" not in batch, "a mask without padding is dropped"
+    assert n_labels == int((labels[:, 1:] != -100).sum()) and n_tokens == ids.numel()
+    assert batch["labels"][:, -1].eq(-100).all() and torch.equal(batch["labels"][:, :-1],
+                                                                 labels[:, 1:])
+    logits = model(input_ids=ids, use_cache=False).logits
+    old = F.cross_entropy(logits[:, :-1].flatten(0, 1), labels[:, 1:].flatten(),
+                          ignore_index=-100, reduction="sum")
+    assert loop.token_nll(model, batch).item() == pytest.approx(old.item(), rel=1e-6)
+    padded = mask.clone()
+    padded[1, -3:] = 0
+    batch, _, n_tokens = loop.prepare_batch(
+        {"input_ids": ids, "attention_mask": padded, "labels": labels}, torch.device("cpu"))
+    assert torch.equal(batch["attention_mask"], padded) and n_tokens == ids.numel() - 3
+
+
+def test_packed_batches_reach_sdpa_unmasked_and_causal(monkeypatch):
+    """What lets SDPA pick its flash kernel on a GPU: no mask tensor, is_causal=True."""
+    seen = []
+    real = F.scaled_dot_product_attention
+
+    def spy(q, k, v, attn_mask=None, dropout_p=0.0, is_causal=False, **kw):
+        seen.append((attn_mask is None, is_causal))
+        return real(q, k, v, attn_mask=attn_mask, dropout_p=dropout_p, is_causal=is_causal, **kw)
+
+    monkeypatch.setattr(F, "scaled_dot_product_attention", spy)
+    model = toy_model()
+    ids = torch.randint(1, 50, (2, 16))
+    batch, _, _ = loop.prepare_batch({"input_ids": ids, "attention_mask": torch.ones_like(ids),
+                                      "labels": ids}, torch.device("cpu"))
+    loop.token_nll(model, batch)
+    assert seen == [(True, True)] * 2
+
+
+def test_fused_adamw_is_chosen_for_a_cuda_device_before_prepare():
+    from accelerate.utils import DistributedType
+
+    def accel(device, kind=DistributedType.NO, ds=None):
+        plugin = SimpleNamespace(deepspeed_config=ds or {})
+        return SimpleNamespace(device=torch.device(device), distributed_type=kind,
+                               state=SimpleNamespace(deepspeed_plugin=plugin))
+
+    assert runtime.fused_optimizer(accel("cuda")) is True
+    assert runtime.fused_optimizer(accel("cuda", DistributedType.MULTI_GPU)) is True
+    assert runtime.fused_optimizer(accel("cpu")) is False
+    assert runtime.fused_optimizer(accel("cuda", DistributedType.DEEPSPEED,
+                                         {"zero_optimization": {"stage": 2}})) is True
+    offload = {"zero_optimization": {"stage": 3, "offload_optimizer": {"device": "cpu"}}}
+    assert runtime.fused_optimizer(accel("cuda", DistributedType.DEEPSPEED, offload)) is False
+    # the parameters are still on the CPU when the optimizer is built: the flag is kept
+    opt = loop.make_optimizer(toy_model(), TrainingConfig(output_dir="x"), fused=True)
+    assert opt.defaults["fused"] is True
+
+
+def test_gpu_math_settings_and_attention_choice_on_cpu():
+    old = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    try:
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
+        runtime.configure_cuda_math(cuda=False)
+        assert not torch.backends.cuda.matmul.allow_tf32
+        runtime.configure_cuda_math(cuda=True)
+        assert torch.backends.cuda.matmul.allow_tf32 and torch.backends.cudnn.allow_tf32
+    finally:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = old
+    # CPU: SDPA picks its own kernel; nothing is restricted or probed
+    assert runtime.choose_attention(torch.device("cpu"), "bf16", "sdpa", 64) is None
+    with runtime.sdpa_backends():
+        pass
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_flash_attention_is_used_on_cuda():
+    from torch.nn.attention import SDPBackend
+
+    chosen = runtime.choose_attention(torch.device("cuda"), "bf16", "sdpa", 64)
+    assert chosen == [SDPBackend.FLASH_ATTENTION]
+    model = toy_model().cuda()
+    ids = torch.randint(1, 50, (2, 16), device="cuda")
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        loop.token_nll(model, {"input_ids": ids, "labels": ids})  # flash only: errors otherwise
+
+
+def test_logged_loss_is_the_token_weighted_mean_since_the_last_log(
+        tmp_path, corpus_dir, tokenizer_dir, toy_config_dir):
+    every, third = tmp_path / "every", tmp_path / "third"
+    run(toy_args(corpus_dir, tokenizer_dir, toy_config_dir, every, max_steps=6, eval_steps=0,
+                 num_samples=0, logging_steps=1))
+    run(toy_args(corpus_dir, tokenizer_dir, toy_config_dir, third, max_steps=6, eval_steps=0,
+                 num_samples=0, logging_steps=3))
+    steps = [r for r in metrics(every) if "loss" in r]
+    logged = [r for r in metrics(third) if "loss" in r]
+    assert [r["step"] for r in logged] == [3, 6]
+    for record, window in zip(logged, (steps[:3], steps[3:])):
+        # packed blocks: every step has the same number of label tokens
+        assert record["loss"] == pytest.approx(sum(r["loss"] for r in window) / 3, rel=1e-12)
+        assert record["grad_norm"] == window[-1]["grad_norm"]
+        assert record["tokens"] == window[-1]["tokens"]
+        assert 0 <= record["data_wait"] < 1
+    assert len({r["loss"] for r in steps}) == 6, "each step's own loss with --logging_steps 1"
