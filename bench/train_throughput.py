@@ -53,6 +53,7 @@ def ours(args, work: Path) -> dict:
     import torch
 
     import train_clm
+    from clm import runtime
     from clm.config import DataConfig, ModelConfig, TrainingConfig, parse_config
 
     steps = args.warmup + args.steps
@@ -79,7 +80,7 @@ def ours(args, work: Path) -> dict:
             "step_s": round(seconds / len(timed), 4), "data_wait": round(wait / seconds, 4),
             "mfu": round(sum(mfus) / len(mfus), 4) if mfus else None,
             "peak_memory_gb": peak_memory_gb(device), "params": run["model_info"]["params"],
-            "final_loss": timed[-1]["loss"]}
+            "final_loss": timed[-1]["loss"], "sdpa_backends": runtime.attention_kernels()}
 
 
 def reference(args) -> dict:
@@ -92,9 +93,9 @@ def reference(args) -> dict:
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     vocab = padded_vocab(len(AutoTokenizer.from_pretrained(args.tokenizer)))
-    n_layer, n_head, n_embd, _ = PRESET_SHAPES[args.preset]
+    n_layer, n_head, n_embd, n_positions = PRESET_SHAPES[args.preset]
     torch.manual_seed(0)
-    model = GPT(vocab, n_layer, n_head, n_embd, args.block_size).to(device)
+    model = GPT(vocab, n_layer, n_head, n_embd, n_positions).to(device)
     tokens = np.random.default_rng(0).integers(0, vocab, size=2_000_000)
     crops = RandomCrops(tokens, args.block_size, args.batch_size, seed=0, device=device)
     run = model

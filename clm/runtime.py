@@ -168,6 +168,11 @@ def choose_attention(device: torch.device, mixed_precision: str, attn_implementa
     return _SDPA_BACKENDS
 
 
+def attention_kernels() -> str:
+    """The SDPA kernels this process's training forward passes are limited to, for reports."""
+    return "any" if _SDPA_BACKENDS is None else ",".join(b.name for b in _SDPA_BACKENDS)
+
+
 def sdpa_backends(masked: bool = False):
     """The context a forward pass runs in: SDPA limited to the backends choose_attention()
     picked (memory-efficient attention allowed too for masked batches); a no-op on CPU."""
