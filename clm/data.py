@@ -8,13 +8,18 @@ and every DataLoader worker gets its own shards through `datasets.distributed.sp
 (applied twice: ranks, then workers), so the streams are disjoint and together cover the data.
 
 Ordering is ours, not `IterableDataset.shuffle`'s, because a shuffle buffer cannot be resumed
-without storing its contents: each epoch the shard order is permuted (`set_epoch` with a key
-derived from the seed and the epoch), and documents are read in windows of `shuffle_window` that
-are permuted by a generator seeded from (seed, epoch, window, rank, worker). The position of the
-next token is therefore fully described by (epoch, window, the datasets state at the window's
-start, document in window, token offset in document): a resume loads that datasets state (which
-seeks by shard, i.e. parquet row group), re-reads one window and drops the tokens already used.
-Nothing is carried in the state but these numbers.
+without storing its contents. Each epoch the shard order is permuted (`set_epoch` with a key
+derived from the seed and the epoch); each worker reads its shards as `shuffle_readers` groups
+side by side, so documents come from that many places in the dataset at once; documents are
+taken in windows of `shuffle_window` that are permuted by a generator seeded from (seed, epoch,
+window, rank, worker); they are packed into blocks, and the blocks are emitted in windows of
+`shuffle_buffer_blocks`, each permuted, so that a micro-batch holds pieces of many documents.
+The position of the next block is therefore fully described by where its block window starts
+(epoch, document window, the readers' datasets states at that window's start, document, token
+offset), the block window's number and the blocks of it already emitted: a resume loads those
+datasets states (which seek by shard, i.e. parquet row group), re-reads one document window,
+re-packs at most two block windows and drops what was already used. Nothing is carried in the
+state but these numbers.
 
 When a worker's shards run out it starts its next epoch on its own (new shard order and window
 permutation), so ranks with uneven data never wait for each other and nobody hangs; the run's
