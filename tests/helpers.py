@@ -38,3 +38,79 @@ def reset_accelerate():
 
     AcceleratorState._reset_state(reset_partial_state=True)
     GradientState._reset_state()
+
+
+def assert_same_training(a, b, **schedule):
+    """Two runs in `a` and `b` (output folders) trained the same: same steps and tokens, the same
+    losses and gradient norms to float32 rounding, the same weights to what Adam does with it.
+
+    Bitwise equality is what this machine gives, but not a promise across processes: the CPU
+    BLAS may split a reduction differently from one process to the next (seen in CI), which moves
+    a loss by one float32 ulp. Anything a resume can really get wrong (a lost Adam moment, the
+    wrong learning rate or data) moves losses by 1e-3 or more, far outside rel 1e-5.
+    `schedule`: the TrainingConfig fields of the learning-rate schedule (max_steps, warmup_steps,
+    learning_rate, min_lr), which bound how far Adam can carry a rounding difference.
+    """
+    import pytest
+    import torch
+    from safetensors.torch import load_file
+
+    from clm.config import TrainingConfig
+    from clm.loop import lr_at
+
+    ra, rb = metrics(a), metrics(b)
+    train = lambda rs: [r for r in rs if "loss" in r]  # noqa: E731
+    evals = lambda rs: [r for r in rs if "eval_loss" in r]  # noqa: E731
+    ta, tb = train(ra), train(rb)
+    assert [(r["step"], r["tokens"]) for r in ta] == [(r["step"], r["tokens"]) for r in tb]
+    assert [r["loss"] for r in ta] == pytest.approx([r["loss"] for r in tb], rel=1e-5)
+    # Adam hides a mis-scaled gradient in the weights; the gradient norm does not
+    assert [r["grad_norm"] for r in ta] == pytest.approx([r["grad_norm"] for r in tb], rel=1e-5)
+    ea, eb = evals(ra), evals(rb)
+    assert [r["step"] for r in ea] == [r["step"] for r in eb]
+    assert [r["eval_loss"] for r in ea] == pytest.approx([r["eval_loss"] for r in eb], rel=1e-5)
+    assert_same_weights(load_file(Path(a) / "model.safetensors"),
+                        load_file(Path(b) / "model.safetensors"),
+                        TrainingConfig(output_dir=str(a), **schedule))
+
+
+def assert_same_weights(wa, wb, cfg):
+    """Adam moves a weight by lr * m / (sqrt(v) + eps) per step, |m / sqrt(v)| <= 1 here. Where
+    a gradient is ~0, rounding in its last bits can flip that ratio, so such an element may differ
+    by up to the summed learning rates; every other element must agree to 1e-5 + 1e-4 |w|. The
+    key bias is such a place by construction: adding it shifts every score of a query's row by
+    the same amount, which softmax ignores, so its exact gradient is 0 and Adam steps on
+    rounding noise. Elsewhere at most 0.1% of a tensor may be in that state."""
+    import torch
+
+    from clm.loop import lr_at
+
+    moved = sum(lr_at(step, cfg) for step in range(cfg.max_steps))
+    assert wa.keys() == wb.keys()
+    for name, w in wa.items():
+        diff = (wb[name] - w).abs()
+        assert diff.max() <= moved, (name, diff.max().item(), moved)
+        close = diff <= 1e-5 + 1e-4 * w.abs()
+        if name.endswith("attn.c_attn.bias"):  # [query | key | value]
+            third = w.shape[0] // 3
+            close = torch.cat([close[:third], close[2 * third:]])
+        assert close.float().mean() >= 0.999, (name, close.float().mean().item())
+
+
+TIMINGS = ("tokens_per_sec", "elapsed_s", "data_wait")
+
+
+def assert_same_records(a, b):
+    """Two metrics.jsonl record lists agree: the same keys and counts, floats to rel 1e-5
+    (float32 rounding, see assert_same_training), timings ignored."""
+    import pytest
+
+    assert len(a) == len(b)
+    for ra, rb in zip(a, b):
+        ra, rb = ({k: v for k, v in r.items() if k not in TIMINGS} for r in (ra, rb))
+        assert ra.keys() == rb.keys(), (ra, rb)
+        for k in ra:
+            if isinstance(ra[k], float):
+                assert ra[k] == pytest.approx(rb[k], rel=1e-5), (k, ra, rb)
+            else:
+                assert ra[k] == rb[k], (k, ra, rb)

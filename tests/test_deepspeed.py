@@ -19,7 +19,7 @@ from transformers import AutoModelForCausalLM
 
 from clm import export, runtime
 from clm.config import TrainingConfig, UsageError
-from helpers import ROOT, metrics, run, toy_args
+from helpers import ROOT, assert_same_records, assert_same_training, metrics, run, toy_args
 
 DS_FILES = sorted((ROOT / "ds_configs").glob("*.json"))
 TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
@@ -184,10 +184,9 @@ def test_zero3_two_processes_match_ddp_resume_and_export(tmp_path, corpus_dir, t
                           capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-4000:]
     assert "resumed from" in proc.stdout and "at step 2" in proc.stdout
-    strip = lambda rs: [{k: v for k, v in r.items() if k not in ("tokens_per_sec", "elapsed_s", "data_wait")}  # noqa
-                        for r in rs]
-    assert strip(train_records(resumed)) == strip(train_records(z3))
-    assert eval_records(resumed) == eval_records(z3)
+    assert_same_records(metrics(resumed), metrics(z3))
+    assert_same_training(resumed, z3, max_steps=4, warmup_steps=2, learning_rate=3e-3,
+                         min_lr=3e-4)
 
 
 def test_zero2_one_process_launched_like_accelerate_matches_plain_run(

@@ -11,7 +11,7 @@ import yaml
 from clm import sft
 from clm.config import ModelConfig, TrainingConfig, parse_config, run_cli
 from clm.corpus import build_sft_records
-from helpers import ROOT, metrics, run, toy_args
+from helpers import ROOT, assert_same_records, metrics, run, toy_args
 
 sys.path.insert(0, str(ROOT / "finetune"))
 import run_sft  # noqa: E402
@@ -157,9 +157,7 @@ def test_run_sft_end_to_end(tmp_path, pretrained):
     shutil.rmtree(resumed / "checkpoints" / "step-12")
     run_sft_main(sft_args(pretrained, data, resumed, save_steps=6) +
                  ["--resume_from_checkpoint", "latest"])
-    strip = lambda rs: [{k: v for k, v in r.items() if k not in ("tokens_per_sec", "elapsed_s", "data_wait")}  # noqa
-                        for r in rs]
-    assert strip(metrics(resumed)) == strip(metrics(out))
+    assert_same_records(metrics(resumed), metrics(out))
 
 
 def test_accumulation_is_exact_with_padding_and_masks(tmp_path, pretrained):
