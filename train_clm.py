@@ -36,7 +36,8 @@ def main(data_cfg: DataConfig, model_cfg: ModelConfig, train_cfg: TrainingConfig
     rank, world = runtime.dist_info()
     global_batch = train_cfg.per_device_train_batch_size * train_cfg.gradient_accumulation_steps
     fingerprint = ckpt.fingerprint(model, tokenizer, data_cfg.block_size, global_batch * world,
-                                   world, data_cfg.dataloader_num_workers)
+                                   world, data_cfg.dataloader_num_workers,
+                                   ckpt.data_identity(data_cfg, ckpt.PRETRAIN_DATA))
     session.check_resume(resume, fingerprint)
     source = data.open_source(data_cfg, "train")
     if batches is None:

@@ -146,17 +146,79 @@ def resolve_resume(output_dir: str | Path, spec: str, log=print) -> Path:
                           f"{checkpoint_root(output_dir)} (run without it to start afresh)")
 
 
+def home_of(path: Path) -> Path | None:
+    """The output folder a checkpoints/step-N folder belongs to (None if not laid out so)."""
+    path = Path(path).resolve()
+    return path.parent.parent if path.parent.name == "checkpoints" else None
+
+
+def clean_leftovers(output_dir: str | Path, log=print) -> list[Path]:
+    """Remove `.step-N.tmp` folders a run killed mid-save left behind (never a checkpoint)."""
+    root = checkpoint_root(output_dir)
+    gone = sorted(root.glob(".step-*.tmp")) if root.is_dir() else []
+    for path in gone:
+        shutil.rmtree(path, ignore_errors=True)
+        log(f"removed {path.name}, a checkpoint whose save was interrupted")
+    return gone
+
+
+def set_aside_newer(output_dir: str | Path, step: int, log=print) -> Path | None:
+    """Resuming from an older checkpoint starts a new future: the abandoned run's checkpoints
+    after `step` move to checkpoints/abandoned-after-step-<step>[-k]/, out of `latest`'s and
+    rotation's way (and no save of the new run lands on or is skipped for their steps)."""
+    newer = [p for p in list_checkpoints(output_dir) if _step_of(p) > step]
+    if not newer:
+        return None
+    root = checkpoint_root(output_dir)
+    aside, k = root / f"abandoned-after-step-{step}", 1
+    while aside.exists():
+        k += 1
+        aside = root / f"abandoned-after-step-{step}-{k}"
+    aside.mkdir()
+    for path in newer:
+        os.replace(path, aside / path.name)
+    _fsync(root)
+    log(f"resuming from step {step}: moved the abandoned run's newer checkpoints "
+        f"({', '.join(p.name for p in newer)}) to {aside} (delete it when not needed)")
+    return aside
+
+
 # ----------------------------------------------------------------------------- save / load
 
 def fingerprint(model, tokenizer, block_size: int, global_batch: int, world_size: int,
-                num_workers: int) -> dict:
-    """What a resume must match: model shape, tokenizer, block size, batch, world, workers."""
+                num_workers: int, data: dict | None = None) -> dict:
+    """What a resume must match: model shape, tokenizer, block size, batch, world, workers, and
+    the data's identity (`data`: option name -> value, see `data_identity`)."""
     c = model.config
     vocab = json.dumps(tokenizer.get_vocab(), sort_keys=True).encode()
     return {"model_type": c.model_type, "n_layer": c.n_layer, "n_head": c.n_head,
             "n_embd": c.n_embd, "n_positions": c.n_positions, "vocab_size": c.vocab_size,
             "tokenizer": hashlib.sha256(vocab).hexdigest()[:16], "block_size": block_size,
-            "global_batch": global_batch, "world_size": world_size, "num_workers": num_workers}
+            "global_batch": global_batch, "world_size": world_size, "num_workers": num_workers,
+            **{f"data.{k}": v for k, v in (data or {}).items()}}
+
+
+# The options of train_clm.py's DataConfig and run_sft.py's SFTDataConfig that data_identity keeps.
+PRETRAIN_DATA = ("dataset_name", "dataset_config_name", "dataset_revision", "train_files",
+                 "validation_files", "text_column", "streaming", "validation_split_tokens",
+                 "validation_split_percentage", "shuffle", "shuffle_window",
+                 "shuffle_buffer_blocks", "shuffle_readers")
+SFT_DATA = ("dataset_name", "dataset_config_name", "train_files", "validation_files",
+            "validation_split_percentage", "completion_only_loss")
+
+
+def data_identity(cfg, fields: tuple[str, ...]) -> dict:
+    """The options of `cfg` that decide which documents are trained on, held out, and in what
+    order; a resume that changes one would silently train on something else (a different
+    held-out share can move trained-on documents into the held-out set). Local paths are
+    compared resolved, so a resume from another working directory is not refused."""
+    def norm(value):
+        if isinstance(value, (list, tuple)):
+            return [norm(v) for v in value]
+        if isinstance(value, str) and os.path.exists(value):
+            return str(Path(value).resolve())
+        return value
+    return {name: norm(getattr(cfg, name)) for name in fields}
 
 
 FIX = {"world_size": "launch with the same number of processes",
@@ -170,6 +232,8 @@ def check_fingerprint(saved: dict, current: dict, path: Path) -> None:
     for key, value in saved.items():
         if current.get(key) != value:
             fix = FIX.get(key, "use the same model configuration")
+            if key.startswith("data."):
+                fix = f"use the same --{key[5:]}, or start a new run in another --output_dir"
             raise CheckpointError(f"cannot resume from {path}: it has {key}={value} but this run "
                                   f"has {key}={current.get(key)} ({fix})")
 
@@ -184,7 +248,8 @@ def _dist_ok(accelerator, ok: bool) -> bool:
 
 
 def save_checkpoint(accelerator, model, tokenizer, loader, state, meta: dict,
-                    output_dir: str | Path, save_total_limit: int | None = None) -> Path:
+                    output_dir: str | Path, save_total_limit: int | None = None,
+                    keep=()) -> Path:
     """Write checkpoints/step-<state.step> on every rank; returns its path.
 
     A failure on any rank (a full disk, say) removes the partial folder, leaves every earlier
@@ -209,12 +274,12 @@ def save_checkpoint(accelerator, model, tokenizer, loader, state, meta: dict,
             save_model_folder(plain, tokenizer, tmp)
             _write_json(tmp / "trainer_state.json",
                         {"loop": dataclasses.asdict(state), **meta})
-    except OSError as e:
+    except Exception as e:  # of any kind: every rank must hear of it, or the others hang
         error = e
     if not _dist_ok(accelerator, error is None):
         if main:
             shutil.rmtree(tmp, ignore_errors=True)
-        reason = os.strerror(error.errno) if error is not None and error.errno else str(error)
+        reason = _reason(error)
         previous = [p.name for p in list_checkpoints(output_dir) if verify(p) is None]
         kept = f"{previous[-1]} is intact" if previous else "no earlier checkpoint exists"
         raise CheckpointError(f"could not save checkpoint {final.name}: "
@@ -230,17 +295,29 @@ def save_checkpoint(accelerator, model, tokenizer, loader, state, meta: dict,
             shutil.rmtree(final)
         os.replace(tmp, final)
         _fsync(root)
-        rotate(output_dir, save_total_limit)
+        rotate(output_dir, save_total_limit, keep)
     accelerator.wait_for_everyone()
     return final
 
 
-def rotate(output_dir: str | Path, limit: int | None) -> list[Path]:
-    """Delete the oldest checkpoints beyond `limit`; the newest complete one always stays."""
+def _reason(error: Exception | None) -> str:
+    if error is None:
+        return ""
+    if isinstance(error, OSError) and error.errno:
+        return os.strerror(error.errno)
+    first = str(error).strip().splitlines()
+    return f"{type(error).__name__}: {first[0]}" if first else type(error).__name__
+
+
+def rotate(output_dir: str | Path, limit: int | None, keep=()) -> list[Path]:
+    """Delete the oldest checkpoints beyond `limit`; the newest complete one always stays, and
+    so does every folder in `keep` (still being uploaded to the Hub)."""
     if not limit:
         return []
+    keep = {Path(k).resolve() for k in keep}
     complete = [p for p in list_checkpoints(output_dir) if verify(p) is None]
     doomed = complete[:-limit] if len(complete) > limit else []
+    doomed = [p for p in doomed if p.resolve() not in keep]
     for path in doomed:
         shutil.rmtree(path)
     return doomed

@@ -40,11 +40,21 @@ class HubPusher:
         self._queue: queue.Queue = queue.Queue()
         self.pending: list[tuple] = []   # jobs that failed every retry; tried again next time
         self.pushed: list[str] = []      # revisions pushed
+        self._busy: list[str] = []       # folders queued or uploading: rotation leaves them
+        self._lock = threading.Lock()
+        self._reported = False
         self._thread = threading.Thread(target=self._run, name="hub-push", daemon=True)
         self._thread.start()
 
     def push(self, folder: str | Path, revision: str, message: str, final: bool = False) -> None:
+        with self._lock:
+            self._busy.append(str(folder))
         self._queue.put((str(folder), revision, message, final))
+
+    def busy(self) -> list[str]:
+        """Folders queued or being uploaded now (not those waiting for a retry)."""
+        with self._lock:
+            return list(self._busy)
 
     def finish(self, timeout: float | None = None) -> bool:
         """Wait (at most `timeout` s) for queued pushes; True if nothing is left unpushed."""
@@ -53,6 +63,10 @@ class HubPusher:
         return not self._thread.is_alive() and not self.pending
 
     def finish_and_report(self, timeout: float | None = None) -> bool:
+        """Finish (see `finish`) and say what was not pushed; once, whichever exit path asks."""
+        if self._reported:
+            return not self.pending
+        self._reported = True
         ok = self.finish(timeout)
         if ok:
             self._say(f"hub: everything is pushed to {self.repo_id}")
@@ -76,6 +90,9 @@ class HubPusher:
                     self._say(f"hub: {j[0]} no longer exists; not pushing it")
                 elif not self._push_with_retries(*j):
                     self.pending.append(j)
+                with self._lock:
+                    if j[0] in self._busy:
+                        self._busy.remove(j[0])
             if job is None:
                 return
 

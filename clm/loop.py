@@ -302,7 +302,11 @@ def _optimizer_step(accelerator, model, optimizer, cfg: TrainingConfig, nll, lab
     finite = math.isfinite(loss) and (math.isfinite(grad_norm) or cfg.mixed_precision == "fp16")
     if finite:
         optimizer.step()
-    # else skip the update: one bad batch must not poison the weights
+    elif accelerator.scaler is not None:
+        # Skip the update (one bad batch must not poison the weights), but close the fp16
+        # scaler's step: the gradients were unscaled for the norm, and without update() the next
+        # step's unscale_ fails; update() also lowers the scale if the gradients overflowed.
+        accelerator.scaler.update()
     optimizer.zero_grad(set_to_none=True)
     return nll, int(labels), int(tokens), grad_norm, finite
 
@@ -311,6 +315,7 @@ def _clip(accelerator, model, max_norm: float) -> torch.Tensor:
     """The global gradient norm as a tensor (clipping to `max_norm` when it is > 0)."""
     if max_norm > 0:
         return torch.as_tensor(accelerator.clip_grad_norm_(model.parameters(), max_norm))
+    accelerator.unscale_gradients()  # fp16: the norm of the true gradients, not the scaled ones
     norms = [p.grad.detach().float().norm() for p in model.parameters() if p.grad is not None]
     return torch.stack(norms).norm() if norms else torch.zeros(())
 

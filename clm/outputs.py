@@ -45,6 +45,19 @@ def read_metrics(output_dir) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
+def continue_run(output_dir, home, step: int) -> None:
+    """On resume: the run's metrics go on from the checkpoint's step. A checkpoint of another
+    output folder (`home`) brings that run's metrics up to its step into this one."""
+    path = Path(output_dir)
+    path.mkdir(parents=True, exist_ok=True)
+    if home is not None and Path(home).resolve() != path.resolve():
+        clear_run_files(output_dir)
+        source = Path(home) / "metrics.jsonl"
+        if source.is_file():
+            shutil.copyfile(source, path / "metrics.jsonl")
+    truncate_metrics(output_dir, step)
+
+
 def truncate_metrics(output_dir, step: int) -> None:
     """On resume: drop what a killed run logged after its checkpoint, then redraw the curve."""
     from .metrics import plot_loss_curve

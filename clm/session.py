@@ -11,8 +11,6 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import torch
-
 from . import checkpoint as ckpt, hub, loop, model as models, outputs, runtime
 from .config import TrainingConfig
 from .metrics import MetricsLogger, flat_config, wandb_run_id
@@ -20,9 +18,13 @@ from .metrics import MetricsLogger, flat_config, wandb_run_id
 
 def check_output(train_cfg: TrainingConfig) -> Path | None:
     """Refuse a bad --output_dir / --resume_from_checkpoint before any work; returns the
-    checkpoint to resume from (None for a new run)."""
+    checkpoint to resume from (None for a new run). A checkpoint of another output folder
+    continues into --output_dir, which is then guarded like a new run's."""
     if train_cfg.resume_from_checkpoint:
-        return ckpt.resolve_resume(Path(train_cfg.output_dir), train_cfg.resume_from_checkpoint)
+        path = ckpt.resolve_resume(Path(train_cfg.output_dir), train_cfg.resume_from_checkpoint)
+        if ckpt.home_of(path) != Path(train_cfg.output_dir).resolve():
+            outputs.check_output_dir(train_cfg.output_dir, train_cfg.overwrite_output_dir)
+        return path
     outputs.check_output_dir(train_cfg.output_dir, train_cfg.overwrite_output_dir)
     return None
 
@@ -48,7 +50,9 @@ def run_training(accelerator, train_cfg: TrainingConfig, model, tokenizer, batch
                              model.config._attn_implementation,
                              model.config.hidden_size // model.config.num_attention_heads)
     if train_cfg.torch_compile:
-        model = torch.compile(model)
+        # in place, not a wrapper: saved state keeps the model's own names (no `_orig_mod.`),
+        # so a checkpoint resumes with or without --torch_compile
+        model.compile()
     model, optimizer = accelerator.prepare(model, optimizer)
     run["distributed"] = runtime.describe(accelerator)
     state, tracker_id = loop.LoopState(), None
@@ -56,7 +60,9 @@ def run_training(accelerator, train_cfg: TrainingConfig, model, tokenizer, batch
         saved = ckpt.load_checkpoint(accelerator, resume, batches)
         state, tracker_id = loop.LoopState(**saved["loop"]), saved.get("tracker_id")
         if accelerator.is_main_process:
-            outputs.truncate_metrics(out, state.step)
+            outputs.continue_run(out, ckpt.home_of(resume), state.step)
+            ckpt.clean_leftovers(out)
+            ckpt.set_aside_newer(out, state.step)  # a roll-back starts a new future
             print(f"resumed from {resume} at step {state.step} ({state.tokens:,} tokens)")
     elif accelerator.is_main_process:
         out.mkdir(parents=True, exist_ok=True)
@@ -79,12 +85,22 @@ def run_training(accelerator, train_cfg: TrainingConfig, model, tokenizer, batch
         path = ckpt.save_checkpoint(
             accelerator, model, tokenizer, batches, st,
             {"fingerprint": fingerprint, "tracker_id": tracker_id, "run_config": run}, out,
-            train_cfg.save_total_limit)
+            train_cfg.save_total_limit, keep=pusher.busy() if pusher else ())
         if pusher and train_cfg.hub_strategy == "every_save":
             pusher.push(path, f"step-{st.step}", f"checkpoint at step {st.step}")
     if heldout is not None and not resume:  # the untrained baseline, as nanoGPT users expect
         logger.log_eval(0, 0, evaluate())
 
+    try:
+        return _train_and_finish(accelerator, train_cfg, model, optimizer, tokenizer, batches,
+                                 state, logger, evaluate, save, run, out, fpt, pusher, finalize)
+    finally:  # on every way out, errors included: what was queued is pushed or reported
+        if pusher:
+            pusher.finish_and_report(timeout=120)
+
+
+def _train_and_finish(accelerator, train_cfg, model, optimizer, tokenizer, batches, state,
+                      logger, evaluate, save, run, out, fpt, pusher, finalize) -> dict:
     # --- train until done or told to stop
     with runtime.StopRequest() as stop:
         try:
@@ -100,8 +116,6 @@ def run_training(accelerator, train_cfg: TrainingConfig, model, tokenizer, batch
             print(f"stopped by {stop.signal_name} at step {state.step}: checkpoint saved in "
                   f"{ckpt.checkpoint_root(out)}/step-{state.step}. To continue, run the same "
                   "command with --resume_from_checkpoint latest")
-        if pusher:
-            pusher.finish_and_report(timeout=120)
         accelerator.end_training()
         return {**run, "stopped": stop.signal_name}
 
@@ -124,7 +138,7 @@ def run_training(accelerator, train_cfg: TrainingConfig, model, tokenizer, batch
               f"print(pipeline('text-generation', '{out}')('The')[0]['generated_text'])\"")
         if pusher:
             pusher.push(out, "main", f"final model at step {state.step}", final=True)
-            pusher.finish_and_report()
+            pusher.finish_and_report()  # no time limit: the final model must go up
     accelerator.end_training()
     return run
 

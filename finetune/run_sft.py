@@ -53,7 +53,8 @@ def main(data_cfg: SFTDataConfig, model_cfg: ModelConfig, train_cfg: TrainingCon
     if lora.use_peft:
         model = sft.add_lora(model, lora)
     fingerprint = ckpt.fingerprint(model, tokenizer, data_cfg.block_size,
-                                   batch * train_cfg.gradient_accumulation_steps * world, world, 0)
+                                   batch * train_cfg.gradient_accumulation_steps * world, world, 0,
+                                   ckpt.data_identity(data_cfg, ckpt.SFT_DATA))
     session.check_resume(resume, fingerprint)
     if dropped and accelerator.is_main_process:
         print(f"{dropped} training records had no completion token left within --block_size "

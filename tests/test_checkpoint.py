@@ -21,6 +21,10 @@ def losses(out):
     return {r["step"]: r["loss"] for r in metrics(out) if "loss" in r}
 
 
+def weights(path):
+    return load_file(Path(path) / "model.safetensors")
+
+
 def assert_same_run(a, b, max_steps=30):
     assert_same_training(a, b, max_steps=max_steps, warmup_steps=2, learning_rate=3e-3,
                          min_lr=3e-4)
@@ -122,7 +126,14 @@ def test_resume_refusals_are_one_line_errors(tmp_path, args_for, capsys, corpus_
     cases = [({"block_size": 16}, "block_size=32 but this run has block_size=16"),
              ({"per_device_train_batch_size": 2}, "global_batch=4 but this run has global_batch=2"),
              ({"dataloader_num_workers": 1}, "num_workers=0"),
-             ({"max_steps": 8, "config_name": None}, "n_layer=2 but this run has n_layer=4")]
+             ({"max_steps": 8, "config_name": None}, "n_layer=2 but this run has n_layer=4"),
+             # the data's identity: another held-out share would move trained-on documents
+             # into the held-out set; other shuffle settings another order
+             ({"validation_split_percentage": 20},
+              "data.validation_split_percentage=10.0 but this run has "
+              "data.validation_split_percentage=20.0 (use the same --validation_split_percentage"),
+             ({"shuffle_buffer_blocks": 64}, "data.shuffle_buffer_blocks=2048 but"),
+             ({"text_column": "id"}, "data.text_column=text but this run has data.text_column=id")]
     for overrides, message in cases:
         kw = dict(max_steps=8, dataloader_num_workers=0)
         kw.update(overrides)
@@ -171,6 +182,76 @@ def test_full_disk_during_save_keeps_previous_checkpoint(tmp_path, args_for, cap
     assert [p.name for p in ckpt.list_checkpoints(out)] == ["step-4"]
     assert ckpt.verify(ckpt.checkpoint_root(out) / "step-4") is None
     assert not list(ckpt.checkpoint_root(out).glob(".*tmp"))
+
+
+def test_rolling_back_starts_a_new_future(tmp_path, args_for, capsys):
+    out = tmp_path / "run"
+    run(args_for(out, max_steps=12, dataloader_num_workers=0, save_total_limit=2))
+    root = ckpt.checkpoint_root(out)
+    abandoned = weights(root / "step-12")
+    capsys.readouterr()
+    # back past a "loss spike": from step-8, with a lower learning rate, on to step 16
+    reset_accelerate()
+    run(args_for(out, max_steps=16, dataloader_num_workers=0, save_total_limit=2,
+                 learning_rate=1e-3) + ["--resume_from_checkpoint", str(root / "step-8")])
+    printed = capsys.readouterr().out
+    assert "moved the abandoned run's newer checkpoints (step-12) to" in printed
+    aside = root / "abandoned-after-step-8"
+    assert [p.name for p in aside.iterdir()] == ["step-12"], "moved aside, not deleted"
+    assert all(torch.equal(a, b) for a, b in zip(weights(aside / "step-12").values(),
+                                                 abandoned.values()))
+    # the new run's saves were written (not skipped as "already there") and rotation kept them
+    assert [p.name for p in ckpt.list_checkpoints(out)] == ["step-12", "step-16"]
+    new = weights(root / "step-12")
+    assert not all(torch.equal(new[k], abandoned[k]) for k in new), "the new future's weights"
+    assert ckpt.resolve_resume(out, "latest").name == "step-16"
+    state = json.loads((root / "step-12" / "trainer_state.json").read_text())
+    assert state["run_config"]["training"]["learning_rate"] == 1e-3
+    assert sorted(losses(out)) == list(range(1, 17)), "metrics go on from step 8"
+
+
+def test_resume_into_another_output_dir_and_leftovers(tmp_path, args_for, capsys):
+    first = tmp_path / "first"
+    run(args_for(first, max_steps=4, dataloader_num_workers=0))
+    before = sorted(p.name for p in first.rglob("*"))
+    leftover = ckpt.checkpoint_root(first) / ".step-6.tmp"  # a run killed while saving step 6
+    (leftover / "state").mkdir(parents=True)
+    capsys.readouterr()
+    second = tmp_path / "second"
+    reset_accelerate()
+    run(args_for(second, max_steps=8, dataloader_num_workers=0) +
+        ["--resume_from_checkpoint", str(ckpt.checkpoint_root(first) / "step-4")])
+    assert "resumed from" in capsys.readouterr().out
+    assert (second / "model.safetensors").is_file()
+    assert sorted(losses(second)) == list(range(1, 9)), "the first run's metrics carried over"
+    assert [p.name for p in ckpt.list_checkpoints(second)] == ["step-8"]
+    assert leftover.is_dir(), "the other run's folder is not touched"
+    leftover.rename(ckpt.checkpoint_root(second) / ".step-6.tmp")
+    assert sorted(p.name for p in first.rglob("*")) == before
+    # the leftover of a save cut short is removed at the next start, with a message
+    reset_accelerate()
+    run(args_for(second, max_steps=9, dataloader_num_workers=0) +
+        ["--resume_from_checkpoint", "latest"])
+    assert "removed .step-6.tmp, a checkpoint whose save was interrupted" in \
+        capsys.readouterr().out
+    assert not list(ckpt.checkpoint_root(second).glob(".*tmp"))
+    # another run's non-empty folder is refused, as for a new run
+    with pytest.raises(SystemExit) as e:
+        run(args_for(second, max_steps=8, dataloader_num_workers=0) +
+            ["--resume_from_checkpoint", str(ckpt.checkpoint_root(first) / "step-4")])
+    assert e.value.code == 2 and "is not empty" in capsys.readouterr().err
+
+
+def test_a_save_error_of_any_kind_is_one_line(tmp_path, args_for, capsys, monkeypatch):
+    def broken(*args, **kwargs):
+        raise RuntimeError("serializer exploded\nwith a second line")
+
+    monkeypatch.setattr(ckpt, "save_model_folder", broken)
+    with pytest.raises(SystemExit) as e:
+        run(args_for(tmp_path / "run", max_steps=4, dataloader_num_workers=0))
+    err = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error:")]
+    assert e.value.code == 2 and len(err) == 1
+    assert "could not save checkpoint step-4: RuntimeError: serializer exploded (" in err[0]
 
 
 def test_two_process_stop_and_resume_matches(tmp_path, args_for):

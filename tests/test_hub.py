@@ -68,3 +68,67 @@ def test_push_that_keeps_failing_does_not_stop_training(tmp_path, corpus_dir, to
         assert (out / "model.safetensors").is_file(), "training finished"
         assert "could not push step-2; it will be tried again" in proc.stdout
         assert sorted(c["revision"] for c in hub.commits) == ["main", "step-2", "step-4"]
+
+
+def test_rotation_spares_folders_being_uploaded(tmp_path, monkeypatch):
+    import threading
+
+    from clm import checkpoint as ckpt
+    from clm.hub import HubPusher
+
+    monkeypatch.setenv("HF_TOKEN", SECRET)
+    release, started = threading.Event(), threading.Event()
+    pushed = []
+
+    def slow_push(self, folder, revision, message, final):
+        started.set()
+        release.wait(30)
+        pushed.append(revision)
+
+    monkeypatch.setattr(HubPusher, "_push_once", slow_push)
+    out = tmp_path / "run"
+    for step in (2, 4, 6):  # three complete checkpoints
+        folder = ckpt.checkpoint_root(out) / f"step-{step}"
+        folder.mkdir(parents=True)
+        (folder / ckpt.MANIFEST).write_text('{"step": %d, "files": {}}' % step)
+    pusher = HubPusher("me/toy", log=lambda m: None)
+    pusher.push(ckpt.checkpoint_root(out) / "step-2", "step-2", "checkpoint at step 2")
+    assert started.wait(10)
+    busy = pusher.busy()
+    assert busy == [str(ckpt.checkpoint_root(out) / "step-2")]
+    assert [p.name for p in ckpt.rotate(out, 1, keep=busy)] == ["step-4"], "step-2 is uploading"
+    release.set()
+    assert pusher.finish_and_report(timeout=10) and pushed == ["step-2"]
+    assert pusher.busy() == []
+    assert [p.name for p in ckpt.rotate(out, 1, keep=pusher.busy())] == ["step-2"]
+
+
+def test_queued_pushes_are_finished_when_training_fails(tmp_path, corpus_dir, tokenizer_dir,
+                                                        toy_config_dir, monkeypatch, capsys):
+    import pytest
+
+    from clm import checkpoint as ckpt
+    from clm.hub import HubPusher
+    from helpers import run
+
+    monkeypatch.setenv("HF_TOKEN", SECRET)
+    pushed = []
+    monkeypatch.setattr(HubPusher, "_push_once",
+                        lambda self, folder, revision, message, final: pushed.append(revision))
+    real, calls = ckpt.save_model_folder, {"n": 0}
+
+    def fails_second_time(model, tokenizer, dest):
+        calls["n"] += 1
+        if calls["n"] == 2:
+            raise OSError(28, "No space left on device")
+        return real(model, tokenizer, dest)
+
+    monkeypatch.setattr(ckpt, "save_model_folder", fails_second_time)
+    out = tmp_path / "run"
+    with pytest.raises(SystemExit) as e:
+        run(toy_args(corpus_dir, tokenizer_dir, toy_config_dir, out, max_steps=6, save_steps=2,
+                     eval_steps=0, num_samples=0, push_to_hub="true", hub_model_id="me/toy"))
+    assert e.value.code == 2
+    printed = capsys.readouterr().out
+    assert pushed == ["step-2"], "the push queued before the error was finished"
+    assert "hub: everything is pushed to me/toy" in printed

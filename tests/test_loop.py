@@ -150,3 +150,52 @@ def test_logged_loss_is_the_token_weighted_mean_since_the_last_log(
         assert record["tokens"] == window[-1]["tokens"]
         assert 0 <= record["data_wait"] < 1
     assert len({r["loss"] for r in steps}) == 6, "each step's own loss with --logging_steps 1"
+
+
+def fp16_scaled_accelerator(init_scale=1024.0):
+    """An Accelerator whose optimizer steps go through a GradScaler, as fp16 on CUDA does.
+    Accelerate gives CPUs no scaler, so one is put in place before prepare()."""
+    from accelerate import Accelerator
+
+    accelerator = Accelerator(cpu=True)
+    accelerator.scaler = torch.amp.GradScaler("cpu", init_scale=init_scale)
+    accelerator.native_amp = True
+    accelerator.state._mixed_precision = "fp16"  # what unscale_gradients() checks
+    return accelerator
+
+
+@pytest.mark.parametrize("max_grad_norm", [0.0, 1.0])
+def test_fp16_skipped_step_does_not_break_the_next_and_norm_is_unscaled(tmp_path, max_grad_norm):
+    accelerator = fp16_scaled_accelerator()
+    assert accelerator.mixed_precision == "fp16"
+    cfg = TrainingConfig(output_dir=str(tmp_path), max_grad_norm=max_grad_norm,
+                         mixed_precision="no")
+    model = toy_model()
+    optimizer = loop.make_optimizer(model, cfg)
+    model, optimizer = accelerator.prepare(model, optimizer)
+    ids = torch.randint(1, 50, (2, 16), generator=torch.Generator().manual_seed(1))
+    batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids}
+
+    def true_norm():  # of the loss actually minimised, from an unscaled backward of a copy
+        import copy
+
+        clone = copy.deepcopy(accelerator.unwrap_model(model))
+        prepared, n_labels, _ = loop.prepare_batch(batch, torch.device("cpu"))
+        (loop.token_nll(clone, prepared) / n_labels).backward()
+        return torch.stack([p.grad.norm() for p in clone.parameters()]).norm().item()
+
+    # a step whose loss is not finite is skipped...
+    nll, labels, tokens = loop.forward_backward(model, [batch], accelerator)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    *_, finite = loop._optimizer_step(accelerator, model, optimizer, cfg,
+                                      torch.tensor(float("inf"), dtype=torch.float64), labels,
+                                      tokens)
+    assert not finite and all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+    assert accelerator.scaler.get_scale() == 1024.0, "the gradients were finite: no overflow"
+    # ...and the next one steps (before the fix: "unscale_() has already been called")
+    expected = true_norm()
+    nll, labels, tokens = loop.forward_backward(model, [batch], accelerator)
+    _, _, _, grad_norm, finite = loop._optimizer_step(accelerator, model, optimizer, cfg, nll,
+                                                      labels, tokens)
+    assert finite and not all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+    assert grad_norm == pytest.approx(expected, rel=1e-4), "the norm of unscaled gradients"

@@ -256,11 +256,22 @@ def test_bf16_autocast_and_wandb_offline(tmp_path, corpus_dir, tokenizer_dir, to
     assert list(out.rglob("offline-run-*")), "wandb wrote an offline run"
 
 
-def test_torch_compile_trains(tmp_path, corpus_dir, tokenizer_dir, toy_config_dir):
-    out = tmp_path / "compiled"
-    result = run(toy_args(corpus_dir, tokenizer_dir, toy_config_dir, out, max_steps=2,
-                          eval_steps=0, num_samples=1, torch_compile="true"))
-    assert math.isfinite(result["final_eval_loss"])
+def test_torch_compile_trains_and_resumes_without_it(tmp_path, corpus_dir, tokenizer_dir,
+                                                     toy_config_dir):
+    from safetensors.torch import load_file
     from transformers import AutoModelForCausalLM
 
+    out = tmp_path / "compiled"
+    args = lambda steps, **kw: toy_args(corpus_dir, tokenizer_dir, toy_config_dir, out,  # noqa
+                                        max_steps=steps, eval_steps=0, num_samples=1,
+                                        save_steps=2, **kw)
+    result = run(args(2, torch_compile="true"))
+    assert math.isfinite(result["final_eval_loss"])
     AutoModelForCausalLM.from_pretrained(out)  # saved without torch.compile's wrapper names
+    compiled = load_file(out / "checkpoints" / "step-2" / "state" / "model.safetensors")
+    assert not [k for k in compiled if "_orig_mod" in k]
+    reset_accelerate()
+    run(args(4) + ["--resume_from_checkpoint", "latest"])
+    plain = load_file(out / "checkpoints" / "step-4" / "state" / "model.safetensors")
+    # the same names either way, so the reverse (plain checkpoint, compiled resume) loads too
+    assert plain.keys() == compiled.keys()
