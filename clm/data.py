@@ -163,12 +163,24 @@ def load_tokenizer(name: str):
 
 
 def encode(tokenizer, texts: list[str]) -> list[np.ndarray]:
-    """Token ids of each text followed by EOS (no other special tokens)."""
+    """Token ids of each text followed by EOS (no other special tokens).
+
+    Special-token text inside a document ("<|endoftext|>" in a web page) is encoded as the
+    plain text it is: otherwise it would become a real EOS mid-document, a document boundary
+    the data never had. The only EOS ids in the stream are the ones appended here.
+    """
     backend = getattr(tokenizer, "backend_tokenizer", None)
     if backend is not None:  # the Rust tokenizer directly: no offsets, no Python BatchEncoding
-        ids = [e.ids for e in backend.encode_batch_fast(texts, add_special_tokens=False)]
+        # A flag on the shared backend (transformers' own calls set it every time); restored so
+        # that other direct users of the backend see it as they left it.
+        before = backend.encode_special_tokens
+        backend.encode_special_tokens = True
+        try:
+            ids = [e.ids for e in backend.encode_batch_fast(texts, add_special_tokens=False)]
+        finally:
+            backend.encode_special_tokens = before
     else:
-        ids = tokenizer(texts, add_special_tokens=False)["input_ids"]
+        ids = tokenizer(texts, add_special_tokens=False, split_special_tokens=True)["input_ids"]
     eos = tokenizer.eos_token_id
     return [np.array(x + [eos], dtype=np.int32) for x in ids]
 

@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 
 from clm.config import DataConfig, UsageError
-from clm.data import (PackedBlocks, StreamSpec, heldout_source, open_source, pack, train_loader,
-                      validation_blocks)
+from clm.data import (PackedBlocks, StreamSpec, encode, heldout_source, open_source, pack,
+                      train_loader, validation_blocks)
 
 ROOT = __import__("pathlib").Path(__file__).resolve().parents[1]
 
@@ -61,6 +61,45 @@ def test_blocks_hold_documents_joined_by_eos(corpus_dir, tokenizer):
     assert text.startswith("doc0 ") and "<|endoftext|>doc1 " in text
 
 
+class PythonPathTokenizer:
+    """The tokenizer without `backend_tokenizer`, so `encode` takes its `tokenizer(...)` path."""
+
+    def __init__(self, tokenizer):
+        self.inner, self.eos_token_id = tokenizer, tokenizer.eos_token_id
+
+    def __call__(self, *args, **kwargs):
+        return self.inner(*args, **kwargs)
+
+
+def test_special_token_text_in_a_document_is_plain_text(tokenizer, corpus_docs):
+    eos = tokenizer.eos_token_id
+    doc = "doc7 a page that quotes <|endoftext|> and ends with <|endoftext|>"
+    assert tokenizer(doc, add_special_tokens=False)["input_ids"].count(eos) == 2, \
+        "by default the tokenizer turns this text into EOS ids"
+    for tok in (tokenizer, PythonPathTokenizer(tokenizer)):
+        (ids,) = encode(tok, [doc])
+        assert ids[-1] == eos and eos not in ids[:-1].tolist()
+        assert tokenizer.decode(ids[:-1]) == doc
+        # text without special tokens encodes exactly as before
+        for got, text in zip(encode(tok, corpus_docs[:50]), corpus_docs[:50]):
+            assert got.tolist() == tokenizer(text, add_special_tokens=False)["input_ids"] + [eos]
+    assert tokenizer.backend_tokenizer.encode_special_tokens is False, "the flag is restored"
+
+
+def test_packed_stream_has_eos_only_between_documents(tmp_path, tokenizer, corpus_docs):
+    docs = [d if i % 3 else d.replace(" ", " <|endoftext|> ", 1)
+            for i, d in enumerate(corpus_docs[:30])]
+    path = tmp_path / "docs.jsonl"
+    path.write_text("".join(json.dumps({"text": d}) + "\n" for d in docs))
+    source = open_source(DataConfig(train_files=[str(path)]))
+    blocks = PackedBlocks(source, tokenizer, 16, 1, StreamSpec(shuffle=False, infinite=False))
+    stream = np.concatenate([b for b, _, _ in blocks.blocks(0)]).tolist()
+    ends = [i for i, t in enumerate(stream) if t == tokenizer.eos_token_id]
+    assert len(ends) >= len(docs) - 1  # blocks are full: at most the last document is cut
+    starts = [0] + [e + 1 for e in ends]
+    assert [tokenizer.decode(stream[a:b]) for a, b in zip(starts, ends)] == docs[:len(ends)]
+
+
 # ---------------------------------------------------------------- sharding
 
 @pytest.mark.parametrize("kind,readers", [("parquet_row_groups", 1), ("parquet_row_groups", 3),
@@ -83,13 +122,34 @@ def test_ranks_and_workers_are_disjoint_and_complete(corpus_dir, jsonl_file, tok
     assert set(flat) == set(range(240)), "together the streams cover the data"
 
 
-def test_shuffle_changes_order_per_epoch_and_seed(corpus_dir, tokenizer):
+def epochs_of_stream(source, tokenizer, epochs: int, **spec) -> list[list[int]]:
+    """Document indices of the first `epochs` epochs of one endless stream, by epoch."""
+    blocks = PackedBlocks(source, tokenizer, 16, 1, StreamSpec(infinite=True, **spec))
+    out = [[]]
+    for pos, tokens in blocks.documents(0):
+        if pos["epoch"] != len(out) - 1:  # the stream ran past the end of the data
+            assert pos["epoch"] == len(out), "epochs are consecutive"
+            if len(out) == epochs:
+                break
+            out.append([])
+        out[-1].append(doc_index(tokenizer, tokens))
+    assert len(out) == epochs, "the stream must run past the end of the data"
+    return out
+
+
+@pytest.mark.parametrize("readers", [1, 3])
+def test_shuffle_changes_order_per_epoch_and_seed(corpus_dir, tokenizer, readers):
     source = open_source(DataConfig(dataset_name=str(corpus_dir)))
     plain = epoch_docs(source, tokenizer, shuffle=False)
     assert plain == list(range(240))
-    a = epoch_docs(source, tokenizer, seed=1, window=50)
-    assert a == epoch_docs(source, tokenizer, seed=1, window=50) and sorted(a) == plain
-    assert a != plain and a != epoch_docs(source, tokenizer, seed=2, window=50)
+    first, second = epochs_of_stream(source, tokenizer, 2, seed=1, window=50, readers=readers)
+    assert sorted(first) == sorted(second) == plain, "each epoch holds every document once"
+    assert first != plain and second != first, "a new order every epoch"
+    assert first == epoch_docs(source, tokenizer, seed=1, window=50, readers=readers)
+    again = epochs_of_stream(source, tokenizer, 2, seed=1, window=50, readers=readers)
+    assert again == [first, second], "the orders are the seed's"
+    other = epochs_of_stream(source, tokenizer, 2, seed=2, window=50, readers=readers)
+    assert other[0] != first and other[1] != second
 
 
 def test_readers_spread_a_window_over_the_dataset(corpus_dir, tokenizer):

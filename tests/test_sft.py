@@ -67,6 +67,53 @@ def test_each_format_learns_only_its_completion(tokenizer):
     assert full["labels"] == full["input_ids"]
 
 
+def test_special_token_text_in_records_is_plain_text(tokenizer):
+    sft.ensure_chat_template(tokenizer)
+    eos, quoted = tokenizer.eos_token_id, "ka <|endoftext|> lo"
+    assert eos in tokenizer(quoted, add_special_tokens=False)["input_ids"], \
+        "by default the tokenizer turns this text into an EOS id"
+    pc = {"prompt": f"join {quoted}:", "completion": f" {quoted}"}
+    text = {"text": quoted}
+    # the data's own private-use characters must come back as themselves, too
+    odd = "\ue000<|endoftext|>\ue001 \ue001"
+    messages = [{"role": "user", "content": f"swap {quoted}"},
+                {"role": "assistant", "content": quoted},
+                {"role": "user", "content": odd},
+                {"role": "assistant", "content": "<|endoftext|>"}]
+    (a, b, c), dropped = sft.tokenize([pc, {"messages": messages}, text], tokenizer, 256)
+    assert dropped == 0
+    for example, ends in ((a, 1), (b, len(messages)), (c, 1)):
+        ids = example["input_ids"]
+        assert ids[-1] == eos or ids[-2] == eos  # the chat template writes "\n" after EOS
+        assert ids.count(eos) == ends, "EOS only where the formatter puts it"
+    assert tokenizer.decode(a["input_ids"]) == f"join {quoted}: {quoted}<|endoftext|>"
+    assert learned_text(tokenizer, c) == f"{quoted}<|endoftext|>"
+    rendered = tokenizer.apply_chat_template(messages, tokenize=False)
+    assert tokenizer.decode(b["input_ids"]) == rendered
+    # the template's EOS ends each turn: one per message, right after its content
+    chat = b["input_ids"]
+    cuts = [i for i, t in enumerate(chat) if t == eos]
+    turns = [tokenizer.decode(chat[lo:hi]) for lo, hi in zip([0] + [i + 1 for i in cuts], cuts)]
+    assert [t.split("|>\n", 1)[1] for t in turns] == [m["content"] for m in messages]
+
+
+def test_records_without_special_token_text_encode_as_before(tokenizer):
+    sft.ensure_chat_template(tokenizer)
+    recs = records(12)
+    examples, _ = sft.tokenize(recs, tokenizer, 256, completion_only_loss=False)
+    for record, example in zip(recs, examples):
+        if "messages" in record:
+            text = tokenizer.apply_chat_template(record["messages"], tokenize=False)
+            want = tokenizer(text, add_special_tokens=False)["input_ids"]
+        else:
+            parts = [record["prompt"], record["completion"]] if "prompt" in record \
+                else [record["text"]]
+            want = [t for p in parts
+                    for t in tokenizer(p, add_special_tokens=False)["input_ids"]]
+            want.append(tokenizer.eos_token_id)
+        assert example["input_ids"] == want
+
+
 def test_truncation_and_records_without_completion_left(tokenizer):
     long_prompt = {"prompt": " ".join(WORDS * 20), "completion": " ka"}
     kept, dropped = sft.tokenize([long_prompt, {"text": " ".join(WORDS * 20)}], tokenizer, 16)
