@@ -3,6 +3,10 @@
     python generate.py --model outputs/demo --prompt "The" --max_new_tokens 40
     python generate.py --model outputs/demo/checkpoints/step-100 --prompt "A" --prompt "The" --do_sample false
     python generate.py --model gpt2 --prompt "Hello" --stream
+    python generate.py --model outputs/sft_demo/checkpoints/step-100 --prompt "def f(x):"
+
+A LoRA run's checkpoints and its `--merge_adapters false` final folder hold peft adapters: they
+are merged into the base model their adapter_config.json names (which must still be there).
 
 Completions (prompt included) go to stdout, separated by a line of dashes when there are
 several; `--seed` makes them reproducible.

@@ -2,6 +2,9 @@
 
     python generate.py --model outputs/demo --prompt "The model" --prompt "A function" --max_new_tokens 40
 
+LoRA runs load too: a checkpoint or a `--merge_adapters false` folder holds peft adapters, which
+are merged into the base model they name (clm.export.load_plain_model, shared with export).
+
 Prompts are batched with left padding and an attention mask, so a batch gives the same greedy
 text as each prompt alone. The model's generation_config (EOS/pad, suppressed padding ids)
 applies; the options here override it. Same seed, same text.
@@ -10,7 +13,6 @@ applies; the options here override it. Same seed, same text.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Optional
 
 import torch
@@ -22,8 +24,8 @@ from .config import UsageError, _help
 class SamplingConfig:
     """What to sample and how."""
 
-    model: Optional[str] = _help("Model folder (final or checkpoints/step-N) or Hub name.",
-                                 default=None)
+    model: Optional[str] = _help("Model folder (final, checkpoints/step-N or LoRA adapters) or "
+                                 "Hub name.", default=None)
     prompt: Optional[list[str]] = field(default=None, metadata={
         "help": "Prompt(s) to complete; repeat --prompt for a batch.", "action": "extend"})
     max_new_tokens: int = _help("Tokens to generate per completion.", default=64)
@@ -65,28 +67,18 @@ class SamplingConfig:
 
 
 def load_model(name: str, device: str = "auto", dtype: str = "auto"):
-    """(model, tokenizer) ready for generation; a folder without a model is a UsageError."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    """(model, tokenizer) ready for generation: a model folder, a LoRA checkpoint or adapter
+    folder (merged into its base), or a Hub name; a folder without a model is a UsageError."""
+    from .export import load_plain_model
 
-    path = Path(name)
-    if path.is_dir() and not (path / "config.json").is_file():
-        ckpts = sorted((path / "checkpoints").glob("step-*")) if (path / "checkpoints").is_dir() else []
-        hint = f"; its newest checkpoint is {ckpts[-1]}" if ckpts else ""
-        raise UsageError(f"--model {name} holds no model (no config.json{hint}) (pass a folder "
-                         "written by train_clm.py, a checkpoints/step-N folder or a Hub name)")
     dev = torch.device("cuda" if device == "auto" and torch.cuda.is_available() else
                        ("cpu" if device == "auto" else device))
     if dtype == "auto":
         dt = torch.bfloat16 if dev.type == "cuda" and torch.cuda.is_bf16_supported() else torch.float32
     else:
         dt = getattr(torch, dtype)
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(name)
-        model = AutoModelForCausalLM.from_pretrained(name, dtype=dt).to(dev).eval()
-    except Exception as e:
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise UsageError(f"could not load --model {name}: {first} (pass a model folder or a "
-                         "Hub name)") from None
+    model, tokenizer = load_plain_model(name, dt, arg="--model ")
+    model = model.to(dev)
     tokenizer.padding_side = "left"  # completions start right after every prompt
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
