@@ -24,7 +24,7 @@ from pathlib import Path
 import torch
 
 from .config import UsageError
-from .runtime import dist_info, zero_stage
+from .runtime import dist_info, is_deepspeed, zero_stage
 
 MANIFEST = "manifest.json"
 
@@ -57,13 +57,18 @@ def save_model_folder(model, tokenizer, dest: str | Path) -> Path:
 def full_model(accelerator, model):
     """The plain model with every weight, on the main process (None on the others).
 
-    Every rank must call it: under ZeRO-3 each rank holds a slice of each weight, so they are
-    gathered collectively and loaded into a fresh copy of the model on the main process.
+    Every rank must call it: under DeepSpeed the weights are the optimizer's fp32 masters,
+    gathered from the ranks' partitions (under bf16/fp16 the engine's own module holds 16-bit
+    copies, and under ZeRO-3 only a slice of each), loaded into a fresh fp32 copy of the model.
     """
     inner = accelerator.unwrap_model(model)
-    if zero_stage(accelerator) != 3:
+    if not is_deepspeed(accelerator):
         return inner if accelerator.is_main_process else None
-    state = accelerator.get_state_dict(model)
+    state = _fp32_masters(inner)
+    if state is None:  # an engine without fp32 masters to read: its (gathered) weights
+        if zero_stage(accelerator) != 3:
+            return inner if accelerator.is_main_process else None
+        state = accelerator.get_state_dict(model)
     if not accelerator.is_main_process:
         return None
     plain = type(inner)(inner.config)
@@ -75,6 +80,22 @@ def full_model(accelerator, model):
     plain.tie_weights()
     plain.generation_config = inner.generation_config
     return plain
+
+
+def _fp32_masters(inner) -> dict | None:
+    """Under DeepSpeed, every weight as the optimizer's fp32 master copy, gathered from the
+    ranks' partitions (collective: every rank calls it). The engine computes with 16-bit copies
+    under bf16/fp16; the folder holds the masters, which is what training continues from and
+    what `clm.export` rebuilds from a checkpoint. None where the engine keeps no masters."""
+    from deepspeed.utils import safe_get_full_fp32_param
+
+    state = {}
+    for name, param in inner.named_parameters():
+        full = safe_get_full_fp32_param(param)
+        if full is None:
+            return None
+        state[name] = full.detach().float().cpu()
+    return state
 
 
 def _fsync(path: Path) -> None:

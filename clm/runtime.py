@@ -39,6 +39,17 @@ def dist_info() -> tuple[int, int]:
     return 0, 1
 
 
+def close_distributed() -> None:
+    """Leave the process group together before the interpreter exits. Left to interpreter
+    shutdown, the group's C++ worker threads can be destroyed while still joinable, and the
+    process aborts ("terminate called without an active exception", exit -6) after a run that
+    finished and wrote everything."""
+    d = torch.distributed
+    if d.is_available() and d.is_initialized():
+        d.barrier()
+        d.destroy_process_group()
+
+
 def _env_flag(name: str) -> bool:
     return os.environ.get(name, "false").lower() in ("1", "true")
 

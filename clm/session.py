@@ -117,6 +117,7 @@ def _train_and_finish(accelerator, train_cfg, model, optimizer, tokenizer, batch
                   f"{ckpt.checkpoint_root(out)}/step-{state.step}. To continue, run the same "
                   "command with --resume_from_checkpoint latest")
         accelerator.end_training()
+        runtime.close_distributed()
         return {**run, "stopped": stop.signal_name}
 
     # --- outputs
@@ -140,5 +141,6 @@ def _train_and_finish(accelerator, train_cfg, model, optimizer, tokenizer, batch
             pusher.push(out, "main", f"final model at step {state.step}", final=True)
             pusher.finish_and_report()  # no time limit: the final model must go up
     accelerator.end_training()
+    runtime.close_distributed()
     return run
 

@@ -16,6 +16,7 @@ each padded to its longest example. The loader's state is (epoch, batch): resumi
 
 from __future__ import annotations
 
+import os
 import re
 from dataclasses import dataclass
 from typing import Optional
@@ -121,6 +122,10 @@ def add_lora(model, args: LoraArgs):
                         lora_dropout=args.lora_dropout, target_modules=targets,
                         fan_in_fan_out=gpt2,  # GPT-2's Conv1D stores weights transposed
                         task_type="CAUSAL_LM")
+    # adapter_config.json names the base by model.name_or_path: a local folder is written as
+    # an absolute path, so the adapters load from any working directory
+    if model.name_or_path and os.path.isdir(model.name_or_path):
+        model.name_or_path = os.path.abspath(model.name_or_path)
     try:
         return get_peft_model(model, config)
     except ValueError as e:

@@ -217,3 +217,26 @@ def test_fsdp_is_refused_with_a_pointer_to_zero3(monkeypatch):
     monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")
     with pytest.raises(UsageError, match="FSDP is not supported yet .*deepspeed_zero3.yaml"):
         runtime.make_accelerator(TrainingConfig(output_dir="x"))
+
+
+def test_zero2_bf16_folders_hold_the_fp32_masters_export_rebuilds(
+        tmp_path, corpus_dir, tokenizer_dir, toy_config_dir):
+    from safetensors.torch import load_file
+
+    out = tmp_path / "zero2_bf16"
+    args = toy_args(corpus_dir, tokenizer_dir, toy_config_dir, out, max_steps=3, eval_steps=3,
+                    save_steps=3, num_samples=0, mixed_precision="bf16") + [
+        "--deepspeed", str(ROOT / "ds_configs" / "zero2.json")]
+    proc = subprocess.run([sys.executable, str(ROOT / "train_clm.py"), *args], cwd=tmp_path,
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    final = load_file(out / "model.safetensors")
+    # the masters, not the engine's bf16 copies: fp32 values bf16 cannot hold
+    w = final["transformer.h.0.mlp.c_fc.weight"]
+    assert w.dtype == torch.float32 and not torch.equal(w, w.bfloat16().float())
+    exported = load_file(export.export(out / "checkpoints" / "step-3", tmp_path / "exported")
+                         / "model.safetensors")
+    checkpoint = load_file(out / "checkpoints" / "step-3" / "model.safetensors")
+    assert final.keys() == exported.keys() == checkpoint.keys()
+    assert all(torch.equal(final[k], exported[k]) and torch.equal(final[k], checkpoint[k])
+               for k in final)

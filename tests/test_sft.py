@@ -324,3 +324,15 @@ def test_bad_lora_options_are_one_line_errors(tmp_path, capsys, pretrained, extr
     assert e.value.code == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and message in err[0], err
+
+
+def test_adapters_name_their_base_by_absolute_path(pretrained, monkeypatch):
+    from transformers import AutoModelForCausalLM
+
+    from clm import sft
+
+    monkeypatch.chdir(pretrained.parent)  # the base given relative to the working directory
+    model = AutoModelForCausalLM.from_pretrained(pretrained.name)
+    lora = sft.add_lora(model, sft.LoraArgs(use_peft=True, lora_r=2, lora_alpha=4))
+    base = lora.peft_config["default"].base_model_name_or_path
+    assert base == str(pretrained.resolve()), "loadable from any working directory"
