@@ -73,7 +73,12 @@ def ours(args, work: Path) -> dict:
     timed = [r for r in train if r["step"] > args.warmup]
     seconds = timed[-1]["elapsed_s"] - train[args.warmup - 1]["elapsed_s"]
     tokens = timed[-1]["tokens"] - train[args.warmup - 1]["tokens"]
-    wait = sum(r["data_wait"] * r["tokens"] / r["tokens_per_sec"] for r in timed)
+    # each record's data_wait is a share of its own window (the steps since the previous
+    # record), whose length is its tokens (a running total) less the previous record's over
+    # its tokens/s
+    previous = [train[args.warmup - 1]] + timed[:-1]
+    wait = sum(r["data_wait"] * (r["tokens"] - q["tokens"]) / r["tokens_per_sec"]
+               for r, q in zip(timed, previous))
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     mfus = [r["mfu"] for r in timed if r.get("mfu") is not None]
     return {"tokens_per_sec": round(tokens / seconds, 1),

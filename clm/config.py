@@ -59,13 +59,19 @@ class DataConfig:
     shuffle: bool = _help(
         "Shuffle shard order each epoch and documents within each window (resumable exactly).",
         default=True)
-    shuffle_window: int = _help("Documents read and shuffled together.", default=1024)
+    shuffle_window: int = _help(
+        "Documents read and shuffled together (taken evenly from --shuffle_readers places). "
+        "Wider windows mix a corpus stored in topical order better (see the README's "
+        "Performance section for what it did on the demo corpus). "
+        "Memory: the window's text and tokens per DataLoader worker (4096 OpenWebText "
+        "documents: ~40 MB); a resume re-reads at most one window.", default=4096)
     shuffle_buffer_blocks: int = _help(
         "Packed blocks permuted together before they are cut into micro-batches, so that a "
-        "micro-batch holds blocks of many documents rather than consecutive pieces of a few "
-        "(1: stream order). Memory: 2 x N x block_size x 4 bytes per DataLoader worker per "
-        "rank (2048 x 1024 tokens: 16 MiB); a resume re-reads at most 2 x N blocks.",
-        default=2048)
+        "micro-batch holds blocks of many documents rather than consecutive pieces of a few, "
+        "and the first steps sample the whole window rather than its first documents (1: "
+        "stream order). Memory: 2 x N x block_size x 4 bytes per DataLoader worker per rank "
+        "(8192 x 1024 tokens: 64 MiB); the first step waits for N blocks to be read and "
+        "tokenized, and a resume re-reads at most 2 x N blocks.", default=8192)
     shuffle_readers: int = _help(
         "Groups of shards (parquet row groups) each worker reads side by side when shuffling, so "
         "that the documents shuffled together come from that many places in the dataset, not "

@@ -132,7 +132,7 @@ def test_resume_refusals_are_one_line_errors(tmp_path, args_for, capsys, corpus_
              ({"validation_split_percentage": 20},
               "data.validation_split_percentage=10.0 but this run has "
               "data.validation_split_percentage=20.0 (use the same --validation_split_percentage"),
-             ({"shuffle_buffer_blocks": 64}, "data.shuffle_buffer_blocks=2048 but"),
+             ({"shuffle_buffer_blocks": 64}, "data.shuffle_buffer_blocks=8192 but"),
              ({"text_column": "id"}, "data.text_column=text but this run has data.text_column=id")]
     for overrides, message in cases:
         kw = dict(max_steps=8, dataloader_num_workers=0)
