@@ -119,13 +119,18 @@ def _step_of(path: Path) -> int | None:
     return None
 
 
-def list_checkpoints(output_dir: str | Path) -> list[Path]:
-    """Renamed-into-place checkpoints, oldest first (complete or not: see `verify`)."""
-    root = checkpoint_root(output_dir)
+def step_folders(root: str | Path) -> list[Path]:
+    """The `step-<N>` folders directly in `root`, oldest first."""
+    root = Path(root)
     if not root.is_dir():
         return []
     found = [p for p in root.iterdir() if p.is_dir() and _step_of(p) is not None]
     return sorted(found, key=_step_of)
+
+
+def list_checkpoints(output_dir: str | Path) -> list[Path]:
+    """Renamed-into-place checkpoints, oldest first (complete or not: see `verify`)."""
+    return step_folders(checkpoint_root(output_dir))
 
 
 def verify(path: Path) -> str | None:

@@ -23,7 +23,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from .checkpoint import MANIFEST, save_model_folder, verify
+from .checkpoint import MANIFEST, save_model_folder, step_folders, verify
 from .config import UsageError
 
 
@@ -51,19 +51,11 @@ def holds(folder: Path) -> str | None:
     return None
 
 
-def _step_folders(folder: Path) -> list[Path]:
-    if not folder.is_dir():
-        return []
-    found = [p for p in folder.iterdir()
-             if p.is_dir() and p.name.startswith("step-") and p.name[5:].isdigit()]
-    return sorted(found, key=lambda p: int(p.name[5:]))
-
-
 def no_model_error(folder: Path, arg: str) -> UsageError:
     """The error for a folder without a model: what it holds instead, and what to pass."""
     fix = "pass a folder written by train_clm.py or run_sft.py, or a checkpoints/step-N folder"
     names = sorted(p.name for p in folder.iterdir() if not p.name.startswith("."))
-    steps = _step_folders(folder) or _step_folders(folder / "checkpoints")
+    steps = step_folders(folder) or step_folders(folder / "checkpoints")
     if steps:  # a run's folder before its final model is written, or its checkpoints/
         nested = "" if steps[0].parent == folder else " under checkpoints/"
         found = f"{len(steps)} checkpoint folder{'s' * (len(steps) > 1)}{nested}"
