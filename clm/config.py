@@ -163,9 +163,16 @@ class TrainingConfig:
         "'latest' (newest complete checkpoint in output_dir) or a checkpoints/step-N folder: "
         "continue that run exactly.", default=None)
     seed: int = _help("Seed for initialisation, data order and sampling.", default=1337)
-    mixed_precision: str = _help("no, bf16 (autocast, fp32 master weights) or fp16.",
-                                 default="no")
-    torch_compile: bool = _help("Compile the model with torch.compile.", default=False)
+    mixed_precision: Optional[str] = _help(
+        "no, bf16 (autocast, fp32 master weights) or fp16. Default: the launcher's (`accelerate "
+        "launch --mixed_precision`, or mixed_precision in its config file), else no; given both, "
+        "they must agree. run_config.yaml records the precision the run used.", default=None)
+    gradient_checkpointing: bool = _help(
+        "Recompute each transformer block's activations in the backward pass instead of keeping "
+        "them: about a third more compute for a fraction of the activation memory (see "
+        "--dry_run); losses and gradients are unchanged.", default=False)
+    torch_compile: bool = _help("Compile the model (in place) and its loss with torch.compile.",
+                                default=False)
     deepspeed: Optional[str] = _help(
         "DeepSpeed JSON config (ds_configs/zero3.json, ...); its \"auto\" values are filled from "
         "this run's options. `accelerate launch --config_file accelerate_configs/deepspeed_*.yaml` "
@@ -190,6 +197,26 @@ class TrainingConfig:
     license: Optional[str] = _help("License for the model card's metadata (e.g. mit).",
                                    default=None)
 
+    dry_run: bool = _help(
+        "Print the plan and exit 0, writing nothing: parameters, FLOPs and tokens per step, "
+        "per-GPU memory (GiB) for this backend (DDP, --deepspeed ZeRO stage, FSDP), whether it "
+        "fits --dry_run_gpu_memory_gb and what would, and hours to --max_steps. Reads no data and "
+        "loads no tokenizer or weights (shapes come from the preset or a local config).",
+        default=False)
+    dry_run_gpu: Optional[str] = _help(
+        "GPU the plan is for, as torch.cuda.get_device_name names it (a key of "
+        "clm.model.PEAK_FLOPS). Default: this machine's GPU if listed there, else "
+        "'NVIDIA H100 80GB HBM3'.", default=None)
+    dry_run_gpu_memory_gb: Optional[float] = _help(
+        "Memory of one GPU for the plan, in GiB. Default: this machine's GPU's, else 80.",
+        default=None)
+    dry_run_mfu: float = _help(
+        "Model FLOPs utilisation the plan assumes for its time estimate, in (0, 1].",
+        default=0.4)
+    dry_run_num_gpus: Optional[int] = _help(
+        "GPUs (processes) in all the plan is for. Default: the launch's world size (WORLD_SIZE), "
+        "else 1.", default=None)
+
     def __post_init__(self):
         if self.push_to_hub and not self.hub_model_id:
             raise UsageError("--push_to_hub needs --hub_model_id (pass --hub_model_id user/name)")
@@ -212,7 +239,7 @@ class TrainingConfig:
         if not 0 <= self.min_lr <= self.learning_rate:
             raise UsageError(f"--min_lr {self.min_lr} must be between 0 and --learning_rate "
                              f"{self.learning_rate}")
-        if self.mixed_precision not in ("no", "bf16", "fp16"):
+        if self.mixed_precision not in (None, "no", "bf16", "fp16"):
             raise UsageError(f"unknown --mixed_precision '{self.mixed_precision}' "
                              "(choose no, bf16 or fp16)")
         if self.report_to not in ("none", "wandb", "tensorboard", "all"):
@@ -223,6 +250,23 @@ class TrainingConfig:
         if self.deepspeed and not os.path.isfile(self.deepspeed):
             raise UsageError(f"--deepspeed {self.deepspeed}: no such file (pass a JSON config such "
                              "as ds_configs/zero2.json)")
+        self._check_dry_run()
+
+    def _check_dry_run(self):
+        if not 0 < self.dry_run_mfu <= 1:
+            raise UsageError(f"--dry_run_mfu {self.dry_run_mfu} is out of range (use a fraction "
+                             "in (0, 1], e.g. 0.4)")
+        if self.dry_run_gpu_memory_gb is not None and self.dry_run_gpu_memory_gb <= 0:
+            raise UsageError(f"--dry_run_gpu_memory_gb must be > 0 (got "
+                             f"{self.dry_run_gpu_memory_gb})")
+        if self.dry_run_num_gpus is not None and self.dry_run_num_gpus < 1:
+            raise UsageError(f"--dry_run_num_gpus must be >= 1 (got {self.dry_run_num_gpus})")
+        if self.dry_run_gpu is not None:
+            from .model import PEAK_FLOPS
+
+            if self.dry_run_gpu not in PEAK_FLOPS:
+                raise UsageError(f"unknown --dry_run_gpu '{self.dry_run_gpu}' (choose one of: "
+                                 f"{'; '.join(PEAK_FLOPS)})")
 
 
 def _one_line_error(message: str) -> None:

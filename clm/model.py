@@ -97,6 +97,19 @@ def build_model(cfg: ModelConfig, tokenizer, block_size: int, dtype=None):
     return model
 
 
+def enable_gradient_checkpointing(model) -> None:
+    """Keep only each transformer block's input in the forward pass and recompute the block in
+    the backward (--gradient_checkpointing). Non-reentrant checkpointing, PyTorch's recommended
+    kind: blocks whose inputs need no gradient (LoRA on a frozen model) work as they are, and
+    the gradients are the same (the recomputation replays any dropout with the saved RNG
+    state). Only in training mode: evaluation and generation run as before."""
+    kwargs = {"use_reentrant": False}
+    if hasattr(model, "activation_checkpointing_enable"):  # newer transformers' name
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+
+
 FAST_GELU = "gelu_pytorch_tanh"
 
 
