@@ -15,6 +15,7 @@ from __future__ import annotations
 import math
 import os
 import queue
+import re
 import shlex
 import sys
 import threading
@@ -123,42 +124,172 @@ class HubPusher:
                                ignore_patterns=FINAL_IGNORE if final else CHECKPOINT_IGNORE)
 
 
-def model_card(run: dict) -> str:
-    """README.md for a trained model folder, from the run's resolved config and results."""
-    ds = run["data"]
-    files = ds.get("train_files") or []
-    files = [files] if isinstance(files, str) else files  # a YAML config may give one string
-    data = ", ".join(files) or ds.get("dataset_name") or "local files"
-    eval_loss = run.get("final_eval_loss")
-    ppl = f"{math.exp(eval_loss):.2f}" if eval_loss is not None else "n/a"
-    loss = f"{eval_loss:.4f}" if eval_loss is not None else "n/a"
-    hub_dataset = ds.get("dataset_name") if not ds.get("train_files") and ds.get("dataset_name") \
-        and "/" in ds["dataset_name"] and not ds["dataset_name"].startswith(("/", ".")) else None
-    license_ = run["training"].get("license")
-    meta = ["---", "library_name: transformers", "pipeline_tag: text-generation",
-            *([f"license: {license_}"] if license_ else []),
-            "tags:", "- gpt2", "- causal-lm", f"- {run.get('task', 'pretraining')}"]
-    if hub_dataset:
-        meta += ["datasets:", f"- {hub_dataset}"]
-    meta.append("---")
-    m = run["model_info"]
-    return "\n".join(meta) + f"""
+# The card's YAML header, in this order (the Hub shows it as written).
+CARD_KEYS = ["library_name", "pipeline_tag", "license", "base_model", "datasets", "tags",
+             "model_name", "eval_results"]
+# Keys of run["final_eval"] that are not extra metrics: the loss is final_eval_loss's.
+LOSS_KEYS = ("eval_loss", "eval_ppl", "eval_perplexity")
+# ... nor are counts and timings: eval_hellaswag_n (examples scored), Trainer's eval_runtime.
+NOT_METRICS = ("n", "runtime", "samples_per_second", "steps_per_second")
+LOSS_LABEL, PPL_LABEL = "final eval loss", "final eval perplexity"
+HELLASWAG = {"dataset_type": "Rowan/hellaswag", "dataset_name": "HellaSwag",
+             "dataset_split": "validation"}
+METRIC_NAMES = {"loss": "Loss", "perplexity": "Perplexity", "exact_match": "Exact match",
+                "acc": "Accuracy", "acc_norm": "Normalized accuracy"}
+_REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[A-Za-z0-9][\w.-]*)?$")
 
+
+def hub_name(name) -> str | None:
+    """`name` when the Hub can resolve it (`gpt2`, `user/data`), None for a local path."""
+    from huggingface_hub.utils import HFValidationError, validate_repo_id
+
+    if not isinstance(name, str) or not _REPO_ID.match(name) or os.path.exists(name):
+        return None
+    try:
+        validate_repo_id(name)
+    except HFValidationError:
+        return None
+    return name
+
+
+def _as_list(files) -> list[str]:
+    """A config's file globs: a YAML config may give one string."""
+    return [files] if isinstance(files, str) else list(files or [])
+
+
+def _number(value) -> float | None:
+    """A metric's value, or None for a missing, non-numeric or non-finite one."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or \
+            not math.isfinite(value):
+        return None
+    return value
+
+
+def _builder(files: list[str]) -> str:
+    """The `datasets` builder that reads these files (load_dataset("json", data_files=...))."""
+    kinds = {{"txt": "text", "jsonl": "json", "json": "json", "parquet": "parquet"}.get(
+        f.rsplit(".", 1)[-1].lower(), "text") for f in files}
+    return kinds.pop() if len(kinds) == 1 else "text"
+
+
+def heldout_dataset(run: dict) -> dict:
+    """EvalResult's dataset fields for the held-out set that the eval loss is measured on."""
+    ds = run["data"]
+    val, train = _as_list(ds.get("validation_files")), _as_list(ds.get("train_files"))
+    hub = None if train else hub_name(ds.get("dataset_name"))
+    if val:
+        return {"dataset_type": _builder(val), "dataset_name": ", ".join(val),
+                "dataset_split": "validation"}
+    if hub:  # its validation split, or a hash carve of its documents
+        return {"dataset_type": hub, "dataset_name": hub,
+                "dataset_config": ds.get("dataset_config_name"),
+                "dataset_revision": ds.get("dataset_revision")}
+    files = train or [ds.get("dataset_name") or "local files"]
+    return {"dataset_type": _builder(files),
+            "dataset_name": f"held-out part of {', '.join(files)}"}
+
+
+def final_loss(run: dict) -> float | None:
+    """The last eval loss: run["final_eval_loss"], else run["final_eval"]["eval_loss"]."""
+    loss = run.get("final_eval_loss")
+    return _number((run.get("final_eval") or {}).get("eval_loss") if loss is None else loss)
+
+
+def eval_results(run: dict) -> list[tuple[str, object]]:
+    """(table label, EvalResult) for every final evaluation result that has a value.
+
+    The eval loss and perplexity come from run["final_eval_loss"]; every other metric from
+    run["final_eval"], a dict {"eval_<name>": value} (the eval records' names in
+    metrics.jsonl; other keys, counts like eval_hellaswag_n and timings are ignored, None or
+    non-finite values skipped): eval_exact_match -> exact_match, eval_hellaswag_<m> -> <m> on
+    HellaSwag's validation split, any other eval_<name> -> <name>, all on the task
+    text-generation.
+    """
+    from huggingface_hub import EvalResult
+
+    heldout = heldout_dataset(run)
+    extra = run.get("final_eval") or {}
+    loss = final_loss(run)
+
+    def result(metric: str, value, dataset: dict) -> object:
+        return EvalResult(task_type="text-generation", task_name="Text Generation",
+                          metric_type=metric, metric_name=METRIC_NAMES.get(metric, metric),
+                          metric_value=value, **dataset)
+
+    out = []
+    if loss is not None:
+        out.append((LOSS_LABEL, result("loss", loss, heldout)))
+        ppl = _number(math.exp(min(loss, 700)))
+        if ppl is not None:
+            out.append((PPL_LABEL, result("perplexity", ppl, heldout)))
+    for key, value in extra.items():
+        value = _number(value)
+        if not key.startswith("eval_") or key in LOSS_KEYS or value is None:
+            continue
+        name = key[len("eval_"):]
+        if any(name == x or name.endswith("_" + x) for x in NOT_METRICS):
+            continue
+        if name.startswith("hellaswag_") and len(name) > len("hellaswag_"):
+            metric = name[len("hellaswag_"):]
+            out.append((f"HellaSwag {metric}", result(metric, value, HELLASWAG)))
+        else:
+            out.append((f"eval {name.replace('_', ' ')}", result(name, value, heldout)))
+    return out
+
+
+def model_card(run: dict) -> str:
+    """README.md for a trained model folder, from the run's resolved config and results.
+
+    The YAML header is huggingface_hub's ModelCardData (eval results as a model-index); the
+    body names what the header cannot: local data files and a local base model.
+    """
+    from huggingface_hub import ModelCard, ModelCardData
+
+    ds, m = run["data"], run["model_info"]
+    files = _as_list(ds.get("train_files"))
+    data = ", ".join(files) or ds.get("dataset_name") or "local files"
+    hub_dataset = None if files else hub_name(ds.get("dataset_name"))
+    base = run["model"].get("model_name_or_path")
+    hub_base = hub_name(base) if base else None
+    results = eval_results(run)
+    meta = ModelCardData(
+        library_name="transformers", pipeline_tag="text-generation",
+        license=run["training"].get("license") or None, base_model=hub_base,
+        datasets=[hub_dataset] if hub_dataset else None,
+        tags=["gpt2", "causal-lm", run.get("task", "pretraining")], model_name=run["name"],
+        eval_results=[r for _, r in results] or None)
+
+    eval_loss = final_loss(run)
+    loss = f"{eval_loss:.4f}" if eval_loss is not None else "n/a"
+    ppl = f"{math.exp(min(eval_loss, 700)):.2f}" if eval_loss is not None else "n/a"
+    rows = "".join(f"| {label} | {r.metric_value:.4f} |\n" for label, r in results
+                   if label not in (LOSS_LABEL, PPL_LABEL))
+    val = _as_list(ds.get("validation_files"))
+    val_row = f"| held-out data | {', '.join(val)} |\n" if val else ""
+    if not base:
+        origin = "trained from scratch."
+        base_line = ""
+    else:
+        origin = "trained from the weights of its base model:"
+        base_line = (f"\n**Base model:** [`{hub_base}`](https://huggingface.co/{hub_base})\n"
+                     if hub_base else f"\n**Base model:** `{base}` (a local folder, not on the "
+                     "Hub)\n")
+    body = f"""
 # {run['name']}
 
 A GPT-2-architecture causal language model ({m['n_layer']} layers, {m['n_head']} heads,
 {m['n_embd']} dims, {m['n_positions']} positions, {m['params'] / 1e6:.1f}M parameters),
-trained from {'`' + run['model'].get('model_name_or_path') + '`' if run['model'].get('model_name_or_path') else 'scratch'}.
-
+{origin}
+{base_line}
 | | |
 |---|---|
 | data | {data} |
-| tokens seen | {run['tokens']:,} |
+{val_row}| tokens seen | {run['tokens']:,} |
 | optimizer steps | {run['step']:,} |
 | global batch | {run['global_batch_sequences']} sequences x {ds['block_size']} tokens |
 | final eval loss | {loss} |
 | final eval perplexity | {ppl} |
-| world size | {run['world_size']} |
+{rows}| world size | {run['world_size']} |
 | wall time | {run['elapsed_s']:.0f} s |
 
 ![loss curve](loss_curve.png)
@@ -179,6 +310,8 @@ print(generator("The", max_new_tokens=40, do_sample=True)[0]["generated_text"])
 
 Full configuration: `run_config.yaml`; per-step metrics: `metrics.jsonl`.
 """
+    header = meta.to_yaml(original_order=CARD_KEYS)
+    return ModelCard(f"---\n{header}\n---\n{body}").content
 
 
 def command_line() -> str:

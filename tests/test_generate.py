@@ -115,6 +115,9 @@ def test_stream_prints_the_text(trained, capsys):
     (["--top_p", "1.5"], "--top_p must be in (0, 1]"),
     (["--num_return_sequences", "2", "--do_sample", "false"], "needs sampling"),
     (["--max_new_tokens", "0"], "--max_new_tokens must be >= 1"),
+    (["--chat", "--num_return_sequences", "2"], "does not go with --chat"),
+    (["--chat", "--prompt", "y"], "--chat takes one --prompt"),
+    (["--system", "be brief"], "--system needs --chat"),
 ])
 def test_bad_options(trained, capsys, args, message):
     with pytest.raises(SystemExit) as e:
@@ -242,3 +245,270 @@ def test_folder_without_model_says_what_it_holds(trained, tmp_path, capsys, layo
         assert e.value.code == 2 and len(err) == 1, err
         assert err[0].startswith(f"error: {arg}{folder} holds no model: {found}"), err
     assert not (tmp_path / "out").exists()
+
+
+# ----------------------------------------------------------------------------- chat
+
+CHATML = ("{% for m in messages %}<|start|>{{ m['role'] }}\n{{ m['content'] }}<|end|>\n"
+          "{% endfor %}{% if add_generation_prompt %}<|start|>assistant\n{% endif %}")
+
+
+@pytest.fixture(scope="module")
+def chat_models(tmp_path_factory, tokenizer_dir):
+    """Untrained 2-layer GPT-2s (context 128) over the test tokenizer, no training needed:
+    "chat" has the chat template run_sft.py saves with a GPT-2 tokenizer (clm.sft's, turns
+    ended by EOS), "plain" has no template, "chatml" has a template that ends turns with its own
+    special token <|end|>, not EOS."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    from clm import sft
+    from clm.data import load_tokenizer
+
+    root = tmp_path_factory.mktemp("chat_models")
+    folders = {}
+    for name in ("plain", "chat", "chatml"):
+        tokenizer = load_tokenizer(str(tokenizer_dir))
+        assert not tokenizer.chat_template
+        if name == "chat":
+            sft.ensure_chat_template(tokenizer)  # what finetune/run_sft.py does
+        elif name == "chatml":
+            tokenizer.add_special_tokens({"additional_special_tokens": ["<|start|>", "<|end|>"]})
+            tokenizer.chat_template = CHATML
+        torch.manual_seed(0)
+        config = GPT2Config(n_layer=2, n_head=2, n_embd=64, n_positions=128,
+                            vocab_size=len(tokenizer), initializer_range=0.2,
+                            bos_token_id=tokenizer.eos_token_id,
+                            eos_token_id=tokenizer.eos_token_id)
+        folders[name] = root / name
+        GPT2LMHeadModel(config).save_pretrained(folders[name])
+        tokenizer.save_pretrained(folders[name])
+    return folders
+
+
+def chat(model, prompt=None, **kw):
+    argv = ["--model", str(model), "--chat", "--max_new_tokens", "8"]
+    if prompt is not None:
+        argv += ["--prompt", prompt]
+    for k, v in kw.items():
+        argv += [f"--{k}", str(v)]
+    return run_cli(generate.main, [SamplingConfig], argv)
+
+
+def spy_on_model(monkeypatch, setup=None):
+    """Make generate.main's model record each generate() call in `spy.calls` as (kwargs,
+    output); `setup(model, tokenizer)` runs on it first; `spy.model` is the model."""
+    from types import SimpleNamespace
+
+    from clm import sampling
+
+    spy, load = SimpleNamespace(calls=[], model=None), sampling.load_model
+
+    def load_and_spy(*args, **kwargs):
+        model, tokenizer = load(*args, **kwargs)
+        if setup:
+            setup(model, tokenizer)
+        real = model.generate
+
+        def generate(**gen_kwargs):
+            out = real(**gen_kwargs)
+            spy.calls.append((gen_kwargs, out))
+            return out
+
+        model.generate, spy.model = generate, model
+        return model, tokenizer
+
+    monkeypatch.setattr(sampling, "load_model", load_and_spy)
+    return spy
+
+
+def test_end_of_turn_is_read_from_the_template(chat_models):
+    from transformers import AutoTokenizer
+
+    from clm.sampling import end_of_turn_ids
+
+    run_sft_style = AutoTokenizer.from_pretrained(chat_models["chat"])
+    assert end_of_turn_ids(run_sft_style) == [run_sft_style.eos_token_id]
+    chatml = AutoTokenizer.from_pretrained(chat_models["chatml"])
+    end = chatml.convert_tokens_to_ids("<|end|>")
+    assert end != chatml.eos_token_id and end_of_turn_ids(chatml) == [end]
+
+
+def test_chat_one_shot_answers_the_templated_prompt_and_stops_at_end_of_turn(
+        chat_models, monkeypatch, capsys):
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(chat_models["chatml"])
+    end = tokenizer.convert_tokens_to_ids("<|end|>")
+    steps = []
+
+    def force_end_of_turn(model, tokenizer):  # the 4th token of a reply is <|end|>
+        def hook(module, inputs, logits):
+            steps.append(1)
+            if len(steps) == 4:
+                logits = logits.clone()
+                logits[:, -1, end] = 1e4
+            return logits
+        model.lm_head.register_forward_hook(hook)
+
+    spy = spy_on_model(monkeypatch, force_end_of_turn)
+    [reply] = chat(chat_models["chatml"], "ka lo", do_sample="false", max_new_tokens=12)
+    printed = capsys.readouterr().out
+    (kwargs, out), = spy.calls
+    # the prompt is the template's rendering of the user's message, generation prompt included
+    text = tokenizer.apply_chat_template([{"role": "user", "content": "ka lo"}],
+                                         add_generation_prompt=True, tokenize=False)
+    assert text.endswith("<|start|>assistant\n")
+    prompt = kwargs["input_ids"][0].tolist()
+    assert prompt == tokenizer(text, add_special_tokens=False)["input_ids"]
+    assert tokenizer.decode(prompt) == text
+    # it stops at the end-of-turn token, which is not EOS; EOS stops it as well
+    assert end in kwargs["eos_token_id"] and tokenizer.eos_token_id in kwargs["eos_token_id"]
+    new = out[0, len(prompt):].tolist()
+    assert len(new) == 4 and new[-1] == end, new
+    # ... where the same model would have gone on: the forcing alone does not stop it
+    steps.clear()
+    longer = spy.model.generate(**kwargs | {"eos_token_id": [tokenizer.eos_token_id],
+                                            "streamer": None})
+    longer = longer[0, len(prompt):].tolist()
+    assert len(longer) > 4 and longer[:4] == new, longer
+    # only the reply is printed (streamed by default): no prompt, no special token
+    assert reply == tokenizer.decode(new, skip_special_tokens=True).strip() and reply
+    assert printed.strip() == reply and printed.endswith("\n")
+    assert "<|end|>" not in printed and "assistant" not in printed
+
+
+def spy_on_prompts(monkeypatch):
+    """Each message list the chat renders with add_generation_prompt (a copy), in order."""
+    import copy
+
+    from clm import sampling
+
+    seen, real = [], sampling.chat_prompt_ids
+
+    def chat_prompt_ids(tokenizer, messages):
+        seen.append(copy.deepcopy(messages))
+        return real(tokenizer, messages)
+
+    monkeypatch.setattr(sampling, "chat_prompt_ids", chat_prompt_ids)
+    return seen
+
+
+def test_chat_loop_keeps_the_history_until_reset(chat_models, monkeypatch, capsys):
+    import io
+
+    seen = spy_on_prompts(monkeypatch)
+    spy = spy_on_model(monkeypatch)
+    monkeypatch.setattr(sys, "stdin", io.StringIO("ka lo\n\nmi ten\n/reset\nsol ve\n"))
+    chat(chat_models["chat"], system="be brief", do_sample="false")  # returns: no SystemExit
+    out, err = capsys.readouterr()
+    replies = [line.strip() for line in out.splitlines()]
+    assert len(spy.calls) == 3 and len(replies) == 3 and all(replies), out
+    assert "> " not in out, "no prompt when stdin is not a terminal"
+    system = {"role": "system", "content": "be brief"}
+    user = lambda text: {"role": "user", "content": text}  # noqa: E731
+    assert seen == [[system, user("ka lo")],
+                    [system, user("ka lo"), {"role": "assistant", "content": replies[0]},
+                     user("mi ten")],
+                    [system, user("sol ve")]]  # /reset kept the system message only
+    assert "history cleared" in err and "dropped" not in err
+
+
+def test_chat_loop_reads_a_pipe_and_quits_with_status_0(chat_models):
+    proc = subprocess.run([sys.executable, str(ROOT / "generate.py"), "--model",
+                           str(chat_models["chat"]), "--chat", "--max_new_tokens", "6"],
+                          input="ka lo\n/quit\nmi ten\n", capture_output=True, text=True,
+                          timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert len(proc.stdout.strip().splitlines()) == 1, proc.stdout  # nothing after /quit
+
+
+def test_chat_without_a_template_is_one_line_error(chat_models):
+    proc = subprocess.run([sys.executable, str(ROOT / "generate.py"), "--model",
+                           str(chat_models["plain"]), "--chat", "--prompt", "ka lo"],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2 and not proc.stdout
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: --chat: "), lines
+    assert "no chat template" in lines[0] and "finetune/run_sft.py" in lines[0]
+
+
+def test_chat_same_seed_same_reply(chat_models, capsys):
+    a, b, c = (chat(chat_models["chat"], "ka lo", seed=s, max_new_tokens=12) for s in (3, 3, 4))
+    assert a == b and a != c and a[0]
+
+
+def test_chat_drops_the_oldest_turns_to_fit_the_context(chat_models, capsys):
+    import io
+
+    from clm.config import UsageError
+    from clm.sampling import chat_loop, chat_prompt_ids, fit_to_context, load_model
+
+    model, tokenizer = load_model(str(chat_models["chat"]), "cpu", "float32")
+    turn = lambda i: [{"role": "user", "content": f"question {i} ka lo"},  # noqa: E731
+                      {"role": "assistant", "content": f"answer {i} mi ten"}]
+    system = [{"role": "system", "content": "be brief"}]
+    history = system + turn(1) + turn(2) + turn(3) + turn(4)[:1]
+    fits = system + turn(3) + turn(4)[:1]  # what 2 dropped turns leave
+    room = len(chat_prompt_ids(tokenizer, fits))
+    assert room < len(chat_prompt_ids(tokenizer, system + turn(2) + turn(3) + turn(4)[:1]))
+    ids = fit_to_context(model, tokenizer, history, 128 - room, sys.stderr)
+    assert history == fits and ids == chat_prompt_ids(tokenizer, fits)
+    assert "dropped the 2 oldest turns" in capsys.readouterr().err
+    # a message that does not fit alone is refused, and the history stays as it was
+    alone = len(chat_prompt_ids(tokenizer, system + turn(5)[:1]))
+    history.append(turn(5)[0])
+    with pytest.raises(UsageError, match="shorten it"):
+        fit_to_context(model, tokenizer, history, 128 - alone + 1)
+    assert history == fits + turn(5)[:1]
+    # the loop says so and goes on
+    cfg = SamplingConfig(model=str(chat_models["chat"]), chat=True, max_new_tokens=100)
+    messages = chat_loop(model, tokenizer, cfg, io.StringIO("ka lo " * 20 + "\nka\n"),
+                         io.StringIO(), io.StringIO())
+    assert [m["role"] for m in messages] == ["user", "assistant"]
+    assert messages[0]["content"] == "ka"
+
+
+def test_chat_loop_ctrl_c_stops_the_reply_not_the_chat(chat_models):
+    import io
+
+    from clm.sampling import chat_loop, load_model
+
+    model, tokenizer = load_model(str(chat_models["chat"]), "cpu", "float32")
+    real, calls = model.generate, []
+
+    def generate(**kwargs):
+        calls.append(1)
+        if len(calls) == 1:
+            raise KeyboardInterrupt
+        return real(**kwargs)
+
+    model.generate = generate
+    cfg = SamplingConfig(model=str(chat_models["chat"]), chat=True, max_new_tokens=6)
+    err = io.StringIO()
+    messages = chat_loop(model, tokenizer, cfg, io.StringIO("ka lo\nmi ten\n"), io.StringIO(),
+                         err)
+    assert len(calls) == 2 and "reply stopped" in err.getvalue()
+    assert [(m["role"], m["content"]) for m in messages][:1] == [("user", "mi ten")]
+    assert len(messages) == 2
+
+
+def test_chat_system_needs_a_template_with_a_system_role(chat_models):
+    from transformers import AutoTokenizer
+
+    from clm.config import UsageError
+    from clm.sampling import new_chat
+
+    tokenizer = AutoTokenizer.from_pretrained(chat_models["chat"])
+    cfg = SamplingConfig(model="m", chat=True, system="be brief")
+    assert new_chat(tokenizer, cfg) == [{"role": "system", "content": "be brief"}]
+    tokenizer.chat_template = ("{% if messages[0]['role'] == 'system' %}{{ raise_exception("
+                               "'System role not supported') }}{% endif %}" + CHATML)
+    with pytest.raises(UsageError, match="--system: the chat template of m has no system role"):
+        new_chat(tokenizer, cfg)
+
+
+def test_chat_with_what_run_sft_wrote(lora, capsys):
+    merged, adapters = lora
+    for folder in (merged, adapters / "checkpoints" / "step-6"):  # plain and LoRA folders
+        [reply] = chat(folder, "swap ka lo", do_sample="false")
+        assert capsys.readouterr().out.strip() == reply
