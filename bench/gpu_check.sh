@@ -49,7 +49,7 @@ datasets.__version__)" | tee -a "$OUT/gpu.txt"
 for mb in 8 16 32; do
   timeout 150 python3 bench/train_throughput.py --preset gpt2 --block_size 1024 \
     --batch_size "$mb" --mixed_precision bf16 --torch_compile --vocab_size 50257 \
-    --warmup 8 --steps 20 --workers 2 > "$OUT/tput_mb$mb.json" 2> "$OUT/tput_mb$mb.err" \
+    --warmup 8 --steps 20 --workers 2 --repeats 1 > "$OUT/tput_mb$mb.json" 2> "$OUT/tput_mb$mb.err" \
     || echo "micro-batch $mb: failed or timed out (see $OUT/tput_mb$mb.err)"
 done
 

@@ -19,6 +19,7 @@ import argparse
 import json
 import os
 import resource
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -121,6 +122,13 @@ def reference(args) -> dict:
             "final_loss": out["losses"][-1]}
 
 
+def median_run(runs: list[dict]) -> dict:
+    """The run of median tokens/s, with every run's tokens/s beside it."""
+    ordered = sorted(runs, key=lambda r: r["tokens_per_sec"])
+    return {**ordered[(len(ordered) - 1) // 2],
+            "tokens_per_sec_runs": [r["tokens_per_sec"] for r in runs]}
+
+
 def child(which: str, args) -> None:
     with tempfile.TemporaryDirectory(prefix="bench-tput-") as work:
         result = ours(args, Path(work)) if which == "ours" else reference(args)
@@ -141,6 +149,8 @@ def main():
     p.add_argument("--workers", type=int, default=1, help="--dataloader_num_workers for ours")
     p.add_argument("--warmup", type=int, default=5, help="steps excluded from the timing")
     p.add_argument("--steps", type=int, default=30, help="timed steps")
+    p.add_argument("--repeats", type=int, default=3,
+                   help="alternating runs of each; the ratio is the median of the pairs'")
     p.add_argument("--vocab_size", type=int, default=None,
                    help="pad the tokenizer to this many tokens (50257: GPT-2's vocabulary)")
     p.add_argument("--tokenizer", default=None, help=argparse.SUPPRESS)
@@ -156,21 +166,28 @@ def main():
         base = yaml.safe_load(open(args.config)).get("tokenizer_name")
         tok = padded_tokenizer(str(ROOT / base) if not os.path.isabs(base) and
                                (ROOT / base).exists() else base, args.vocab_size, Path(work))
-        results = {}
-        for which in ("ours", "reference"):
-            if args.only and which != args.only:
-                continue
-            cmd = [sys.executable, __file__, *sys.argv[1:], "--child", which, "--tokenizer", tok]
-            start = time.perf_counter()
-            proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT)
-            lines = [x for x in proc.stdout.splitlines() if x.startswith("RESULT ")]
-            if proc.returncode or not lines:
-                sys.exit(f"{which} failed:\n{proc.stderr[-4000:]}")
-            results[which] = {**json.loads(lines[-1][7:]),
-                              "wall_s": round(time.perf_counter() - start, 1)}
+        runs = {"ours": [], "reference": []}
+        # ours and the reference alternate, `--repeats` times: a machine whose speed drifts
+        # (other work, thermal limits) then slows both alike, and the ratio is the median of
+        # the pairs' ratios
+        for _ in range(args.repeats):
+            for which in runs:
+                if args.only and which != args.only:
+                    continue
+                cmd = [sys.executable, __file__, *sys.argv[1:], "--child", which,
+                       "--tokenizer", tok]
+                start = time.perf_counter()
+                proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT)
+                lines = [x for x in proc.stdout.splitlines() if x.startswith("RESULT ")]
+                if proc.returncode or not lines:
+                    sys.exit(f"{which} failed:\n{proc.stderr[-4000:]}")
+                runs[which].append({**json.loads(lines[-1][7:]),
+                                    "wall_s": round(time.perf_counter() - start, 1)})
+    results = {which: median_run(r) for which, r in runs.items() if r}
     ratio = None
-    if "ours" in results and "reference" in results:
-        ratio = round(results["ours"]["tokens_per_sec"] / results["reference"]["tokens_per_sec"], 3)
+    if runs["ours"] and runs["reference"]:
+        ratio = round(statistics.median(o["tokens_per_sec"] / r["tokens_per_sec"]
+                                        for o, r in zip(runs["ours"], runs["reference"])), 3)
     device = torch.cuda.get_device_name() if torch.cuda.is_available() else \
         f"cpu ({os.cpu_count()} cores, {torch.get_num_threads()} threads)"
     print(json.dumps({"bench": "train_throughput", "device": device, "preset": args.preset,
@@ -178,7 +195,7 @@ def main():
                       "grad_accum": args.grad_accum, "mixed_precision": args.mixed_precision,
                       "attn": args.attn, "torch_compile": args.torch_compile,
                       "workers": args.workers, "vocab_size": args.vocab_size,
-                      "timed_steps": args.steps, "warmup_steps": args.warmup, **results,
+                      "timed_steps": args.steps, "repeats": args.repeats, "warmup_steps": args.warmup, **results,
                       "ours_over_reference": ratio}, indent=1))
 
 

@@ -230,7 +230,7 @@ PRETRAIN_DATA = ("dataset_name", "dataset_config_name", "dataset_revision", "tra
                  "validation_split_percentage", "shuffle", "shuffle_window",
                  "shuffle_buffer_blocks", "shuffle_readers")
 SFT_DATA = ("dataset_name", "dataset_config_name", "train_files", "validation_files",
-            "validation_split_percentage", "completion_only_loss")
+            "validation_split_percentage", "completion_only_loss", "packing")
 
 
 def data_identity(cfg, fields: tuple[str, ...]) -> dict:

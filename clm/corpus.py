@@ -159,9 +159,9 @@ def _first_sentence(doc: str) -> str | None:
     return sentence if sentence.endswith(".") else sentence + "."
 
 
-def _file_functions(item) -> list[tuple[str, str, str]]:
-    """(qualified name, signature line, first docstring sentence) of a file's documented
-    public functions."""
+def _file_functions(item) -> list[tuple[str, str, str, list[str]]]:
+    """(qualified name, signature line, first docstring sentence, parameter names) of a
+    file's documented public functions."""
     module, path = item
     try:
         with warnings.catch_warnings():
@@ -175,30 +175,38 @@ def _file_functions(item) -> list[tuple[str, str, str]]:
             doc = ast.get_docstring(node, clean=True)
             sentence = _first_sentence(doc) if doc else None
             if sentence:
+                a = node.args
+                names = [x.arg for x in a.posonlyargs + a.args] + \
+                    ([f"*{a.vararg.arg}"] if a.vararg else []) + \
+                    [x.arg for x in a.kwonlyargs] + ([f"**{a.kwarg.arg}"] if a.kwarg else [])
                 found.append((f"{module}.{node.name}",
-                              f"def {node.name}({ast.unparse(node.args)}):", sentence))
+                              f"def {node.name}({ast.unparse(node.args)}):", sentence, names))
     return found
 
 
 def build_sft_records(output_file: str | Path, packages=("stdlib",), max_records: int = 3000):
-    """Instruction records from documented functions: half prompt/completion (the signature
-    asks for a summary), half chats (a question about the function, the summary as answer)."""
+    """Instruction records from documented functions, a task with one right answer (so that
+    exact match can score it): given a signature, list its parameter names, defaults and
+    annotations left out. Half are prompt/completion records, half chats; functions whose
+    first docstring sentence was seen already are skipped, so near-copies stay rare."""
     import json
 
     items = [(rel[:-3].replace("/", ".").removesuffix(".__init__"), path)
              for name, root in package_roots(packages) for rel, path in _module_files(name, root)]
     records, seen = [], set()
     for item in items:
-        for qualname, signature, sentence in _file_functions(item):
-            if sentence.lower() in seen:
+        for qualname, signature, sentence, names in _file_functions(item):
+            if sentence.lower() in seen or not names or len(signature) > 120:
                 continue
             seen.add(sentence.lower())
+            answer = ", ".join(names)
             if len(records) % 2 == 0:
-                records.append({"prompt": f"{signature}\n    \"\"\"", "completion": sentence})
+                records.append({"prompt": f"{signature}\n# parameters:",
+                                "completion": f" {answer}"})
             else:
                 records.append({"messages": [
-                    {"role": "user", "content": f"What does {qualname} do?"},
-                    {"role": "assistant", "content": sentence}]})
+                    {"role": "user", "content": f"Parameters of {signature}"},
+                    {"role": "assistant", "content": answer}]})
             if len(records) >= max_records:
                 break
         if len(records) >= max_records:

@@ -69,14 +69,22 @@ class MetricsLogger:
         self.bar.set_postfix(loss=f"{loss:.3f}" if loss is not None else "skipped",
                              tok_s=f"{record.get('tokens_per_sec', 0):,.0f}")
 
-    def log_eval(self, step: int, tokens: int, loss: float) -> dict:
-        record = {"step": step, "tokens": tokens, "eval_loss": loss,
-                  "eval_ppl": math.exp(min(loss, 700))}
+    def log_eval(self, step: int, tokens: int, results: dict) -> dict:
+        """`results`: {"eval_loss": .., "eval_<metric>": ..}; the perplexity is added here."""
+        record = {"step": step, "tokens": tokens, **results}
+        loss = results.get("eval_loss")
+        if loss is not None:
+            record["eval_ppl"] = math.exp(min(loss, 700))
         self._write(record)
-        self.accelerator.log({"eval/loss": loss, "eval/ppl": record["eval_ppl"]}, step=step)
+        self.accelerator.log({f"eval/{k[5:]}": v for k, v in record.items()
+                              if k.startswith("eval_")}, step=step)
         if self.main:
-            self.bar.write(f"step {step}: eval loss {loss:.4f}, ppl {record['eval_ppl']:.2f}")
-            plot_loss_curve(self.path.parent)
+            shown = [f"eval loss {loss:.4f}, ppl {record['eval_ppl']:.2f}"] if loss is not None \
+                else []
+            shown += [f"{k[5:]} {v:.4f}" for k, v in results.items() if k != "eval_loss"]
+            self.bar.write(f"step {step}: " + ", ".join(shown))
+            if loss is not None:
+                plot_loss_curve(self.path.parent)
         return record
 
     def advance(self, n: int = 1) -> None:

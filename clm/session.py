@@ -37,11 +37,12 @@ def check_resume(resume: Path | None, fingerprint: dict) -> None:
 
 def run_training(accelerator, train_cfg: TrainingConfig, model, tokenizer, batches, heldout,
                  run: dict, fingerprint: dict, resume: Path | None, seq_len: int,
-                 finalize=None) -> dict:
+                 finalize=None, extra_evals=()) -> dict:
     """Train `model` on `batches` (an endless loader with state_dict/load_state_dict) and write
     the output folder; `heldout` is what loop.evaluate takes; `run` the resolved config;
     `finalize(model, output_dir)`, on the main process, turns the trained model into the one
-    the final folder holds (finetuning merges LoRA adapters there)."""
+    the final folder holds (finetuning merges LoRA adapters there); `extra_evals`, functions
+    `(model, accelerator) -> {"eval_<metric>": ..}`, run beside the held-out loss."""
     out = Path(train_cfg.output_dir)
     run["name"] = train_cfg.run_name or out.resolve().name
     fpt = models.flops_per_token(model, seq_len)
@@ -53,6 +54,7 @@ def run_training(accelerator, train_cfg: TrainingConfig, model, tokenizer, batch
         # in place, not a wrapper: saved state keeps the model's own names (no `_orig_mod.`),
         # so a checkpoint resumes with or without --torch_compile
         model.compile()
+    loop.compile_loss(train_cfg.torch_compile)
     model, optimizer = accelerator.prepare(model, optimizer)
     run["distributed"] = runtime.describe(accelerator)
     state, tracker_id = loop.LoopState(), None
@@ -76,8 +78,13 @@ def run_training(accelerator, train_cfg: TrainingConfig, model, tokenizer, batch
                               init_kwargs={"wandb": wandb_kwargs})
     tracker_id = tracker_id or wandb_run_id(accelerator)
     logger = MetricsLogger(out, accelerator, train_cfg.max_steps, start_step=state.step)
-    evaluate = lambda: loop.evaluate(model, heldout, train_cfg.per_device_eval_batch_size,  # noqa
-                                     accelerator)
+
+    def evaluate() -> dict:
+        loss = loop.evaluate(model, heldout, train_cfg.per_device_eval_batch_size, accelerator)
+        results = {"eval_loss": loss} if loss is not None else {}
+        for fn in extra_evals:
+            results.update(fn(model, accelerator))
+        return results
     pusher = hub.HubPusher(train_cfg.hub_model_id, train_cfg.hub_private_repo) \
         if train_cfg.push_to_hub and accelerator.is_main_process else None
 
@@ -88,7 +95,7 @@ def run_training(accelerator, train_cfg: TrainingConfig, model, tokenizer, batch
             train_cfg.save_total_limit, keep=pusher.busy() if pusher else ())
         if pusher and train_cfg.hub_strategy == "every_save":
             pusher.push(path, f"step-{st.step}", f"checkpoint at step {st.step}")
-    if heldout is not None and not resume:  # the untrained baseline, as nanoGPT users expect
+    if (heldout is not None or extra_evals) and not resume:  # the untrained baseline
         logger.log_eval(0, 0, evaluate())
 
     try:
@@ -122,10 +129,12 @@ def _train_and_finish(accelerator, train_cfg, model, optimizer, tokenizer, batch
 
     # --- outputs
     accelerator.wait_for_everyone()
-    evals = [r for r in outputs.read_metrics(out) if "eval_loss" in r] \
+    evals = [r for r in outputs.read_metrics(out) if any(k.startswith("eval_") for k in r)] \
         if accelerator.is_main_process else []
-    run.update(final_eval_loss=evals[-1]["eval_loss"] if evals else None,
-               first_eval_loss=evals[0]["eval_loss"] if evals else None)
+    first, last = [{k: v for k, v in r.items() if k.startswith("eval_")} for r in
+                   ((evals[0], evals[-1]) if evals else ({}, {}))]
+    run.update(final_eval_loss=last.get("eval_loss"), first_eval_loss=first.get("eval_loss"),
+               final_eval=last, first_eval=first)
     final_model = ckpt.full_model(accelerator, model)  # collective under ZeRO-3
     if accelerator.is_main_process:
         if finalize is not None:
@@ -134,6 +143,11 @@ def _train_and_finish(accelerator, train_cfg, model, optimizer, tokenizer, batch
                                      train_cfg)
         for text in samples:
             print(f"--- sample\n{text}")
+        for key, value in run["final_eval"].items():
+            if key not in ("eval_loss", "eval_ppl"):
+                before = run["first_eval"].get(key)
+                print(f"held-out {key[5:]}: {before:.4f} at the first evaluation, "
+                      f"{value:.4f} at step {state.step}")
         print(f"\nfinal eval loss {run['final_eval_loss']}, model saved to {out}\n"
               f"load it: python -c \"from transformers import pipeline; "
               f"print(pipeline('text-generation', '{out}')('The')[0]['generated_text'])\"")

@@ -16,6 +16,7 @@ each padded to its longest example. The loader's state is (epoch, batch): resumi
 
 from __future__ import annotations
 
+import bisect
 import os
 import re
 from dataclasses import dataclass
@@ -49,8 +50,13 @@ class SFTDataConfig:
     validation_split_percentage: float = _help(
         "Percent of the records held out for evaluation when there are no validation files.",
         default=5.0)
-    block_size: int = _help("Longest example in tokens; longer ones are truncated.",
-                            default=512)
+    block_size: Optional[int] = _help(
+        "Longest example (or packed sequence) in tokens; longer ones are truncated (default: "
+        "the model's context length, at most 1024).", default=None)
+    packing: bool = _help(
+        "Pack several examples into each sequence of --block_size tokens, as TRL's packing: "
+        "position ids restart at each example and attention stays within it, so no example "
+        "sees another; fewer pad tokens, more examples per step.", default=False)
     completion_only_loss: bool = _help("Learn only completions and assistant turns (false: "
                                        "every token).", default=True)
     tokenizer_name: Optional[str] = _help("Tokenizer (default: --model_name_or_path's).",
@@ -60,7 +66,7 @@ class SFTDataConfig:
         if not self.train_files and not self.dataset_name:
             raise UsageError("no finetuning data (pass --train_files records.jsonl or "
                              "--dataset_name)")
-        if self.block_size < 2:
+        if self.block_size is not None and self.block_size < 2:
             raise UsageError(f"--block_size must be >= 2 (got {self.block_size})")
         if not 0 <= self.validation_split_percentage < 100:
             raise UsageError("--validation_split_percentage must be in [0, 100)")
@@ -139,6 +145,28 @@ def merge_lora(model, output_dir):
 
     model.save_pretrained(Path(output_dir) / "adapter")
     return model.merge_and_unload()
+
+
+def resolve_block_size(cfg: SFTDataConfig, model_name_or_path: str) -> int:
+    """--block_size, or the model's context length (at most 1024) when it is not given, as
+    HF's run_clm does; read from the model's config alone, before its weights load. An explicit
+    value above the context is an error."""
+    from transformers import AutoConfig
+
+    try:
+        config = AutoConfig.from_pretrained(model_name_or_path)
+    except Exception as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise UsageError(f"could not load --model_name_or_path {model_name_or_path}: {first} "
+                         "(pass a Hub name or a folder with a model)") from None
+    context = getattr(config, "n_positions", None) or \
+        getattr(config, "max_position_embeddings", None)
+    if cfg.block_size is None:
+        cfg.block_size = min(int(context or 1024), 1024)
+    elif context and cfg.block_size > context:
+        raise UsageError(f"--block_size {cfg.block_size} is above the model's {context} "
+                         f"positions (use --block_size {context} or less)")
+    return cfg.block_size
 
 
 # ----------------------------------------------------------------------------- records
@@ -316,26 +344,96 @@ def collate(examples: list[dict], pad_id: int) -> dict:
 
 # ----------------------------------------------------------------------------- batches
 
+def pack(examples: list[dict], block_size: int, generator: torch.Generator) -> list[list[dict]]:
+    """Examples grouped into rows of at most `block_size` tokens, in a seeded random order.
+
+    Best-fit decreasing: longest first, each into the row it fills most (TRL's default), which
+    leaves a few percent of padding where sequential packing leaves a fraction of a row per
+    row; the rows are then shuffled, so a batch is not all long or all short examples.
+    """
+    rows, free = [], []  # free: sorted (space left, row) of the rows that can take more
+    for e in sorted(examples, key=lambda e: -len(e["input_ids"])):
+        n = len(e["input_ids"])
+        i = bisect.bisect_left(free, (n, -1))
+        if i < len(free):
+            space, row = free.pop(i)
+        else:
+            space, row = block_size, len(rows)
+            rows.append([])
+        rows[row].append(e)
+        if space - n >= 2:  # an example has at least 2 tokens (one of them a label)
+            bisect.insort(free, (space - n, row))
+    order = torch.randperm(len(rows), generator=generator).tolist()
+    return [rows[i] for i in order]
+
+
+def collate_packed(rows: list[list[dict]], pad_id: int) -> dict:
+    """Rows of packed examples as one batch with `position_ids` restarting at each example.
+
+    Without an attention mask and with restarting position ids, transformers' mask builder
+    limits attention to each example (its packed-sequence detection; flash-attention-2 reads
+    the same ids as variable-length sequences). Each example's first label is -100: after the
+    loop's shift it would be the previous example's last target. The padding that ends a row is
+    a segment of its own, with no labels; `attention_mask` marks it 0 only so the loop counts
+    real tokens (it is not given to the model when `position_ids` are there).
+    """
+    width = max(sum(len(e["input_ids"]) for e in row) for row in rows)
+    batch = {"input_ids": torch.full((len(rows), width), pad_id, dtype=torch.long),
+             "attention_mask": torch.zeros((len(rows), width), dtype=torch.long),
+             "labels": torch.full((len(rows), width), -100, dtype=torch.long),
+             "position_ids": torch.zeros((len(rows), width), dtype=torch.long)}
+    for r, row in enumerate(rows):
+        at = 0
+        for e in row:
+            n = len(e["input_ids"])
+            batch["input_ids"][r, at:at + n] = torch.tensor(e["input_ids"])
+            batch["labels"][r, at + 1:at + n] = torch.tensor(e["labels"][1:])
+            batch["position_ids"][r, at:at + n] = torch.arange(n)
+            at += n
+        batch["attention_mask"][r, :at] = 1
+        batch["position_ids"][r, at:] = torch.arange(width - at)
+    return batch
+
+
 class ExampleLoader:
-    """Endless micro-batches of this rank's share of each epoch; state is (epoch, batch)."""
+    """Endless micro-batches of this rank's share of each epoch; state is (epoch, batch).
+
+    With `packing`, a micro-batch is `batch_size` rows of packed examples (`pack`), the rows of
+    an epoch computed again from its permutation, so the state stays (epoch, batch).
+    """
 
     def __init__(self, examples: list[dict], batch_size: int, pad_id: int, seed: int,
-                 rank: int = 0, world_size: int = 1):
+                 rank: int = 0, world_size: int = 1, packing_block_size: Optional[int] = None):
         per_rank = len(examples) // world_size
-        if per_rank < batch_size:
-            raise UsageError(f"{len(examples)} training examples cannot fill one batch of "
-                             f"{batch_size} on each of {world_size} processes (add data or "
-                             "lower --per_device_train_batch_size)")
         self.examples, self.batch_size, self.pad_id = examples, batch_size, pad_id
         self.seed, self.rank, self.world_size = seed, rank, world_size
-        self.batches_per_epoch = per_rank // batch_size
+        self.packing_block_size = packing_block_size
         self.epoch, self.batch = 0, 0
+        if len(self._batches(0)) < 1:
+            unit = "packed rows" if packing_block_size else "examples"
+            raise UsageError(f"{len(examples)} training examples cannot fill one batch of "
+                             f"{batch_size} {unit} on each of {world_size} processes (add data "
+                             "or lower --per_device_train_batch_size)")
 
     def _order(self, epoch: int) -> list[int]:
         g = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
         perm = torch.randperm(len(self.examples), generator=g).tolist()
         per_rank = len(self.examples) // self.world_size
         return perm[self.rank::self.world_size][:per_rank]
+
+    def _batches(self, epoch: int) -> list[list]:
+        """The epoch's micro-batches, each a list of examples (or of packed rows)."""
+        mine = [self.examples[i] for i in self._order(epoch)]
+        if self.packing_block_size:
+            g = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch + 7919 * self.rank)
+            mine = pack(mine, self.packing_block_size, g)
+        n = len(mine) // self.batch_size
+        return [mine[i * self.batch_size:(i + 1) * self.batch_size] for i in range(n)]
+
+    @property
+    def batches_per_epoch(self) -> int:
+        """Micro-batches in the current epoch (with packing, each epoch packs differently)."""
+        return len(self._batches(self.epoch))
 
     def state_dict(self) -> dict:
         return {"epoch": self.epoch, "batch": self.batch}
@@ -344,13 +442,13 @@ class ExampleLoader:
         self.epoch, self.batch = int(state["epoch"]), int(state["batch"])
 
     def __iter__(self):
+        collate_fn = collate_packed if self.packing_block_size else collate
         while True:
-            order = self._order(self.epoch)
-            while self.batch < self.batches_per_epoch:
-                start = self.batch * self.batch_size
-                picked = [self.examples[i] for i in order[start:start + self.batch_size]]
+            batches = self._batches(self.epoch)
+            while self.batch < len(batches):
+                picked = batches[self.batch]
                 self.batch += 1  # counted before it is handed out: the state says "next"
-                yield collate(picked, self.pad_id)
+                yield collate_fn(picked, self.pad_id)
             self.epoch, self.batch = self.epoch + 1, 0
 
 

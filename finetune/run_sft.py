@@ -2,11 +2,14 @@
 
     python finetune/run_sft.py --config configs/sft_demo.yaml
     python finetune/run_sft.py --model_name_or_path gpt2 --train_files data.jsonl --output_dir out/sft
+    python finetune/run_sft.py --config configs/sft_demo.yaml --packing --eval_metrics exact_match
     torchrun --standalone --nproc_per_node 2 finetune/run_sft.py --config configs/sft_demo.yaml
 
 The same loop, checkpoints, exact resume, trackers, Hub push and output folder as train_clm.py;
-only the batches differ (clm/sft.py): padded examples whose loss covers completions and
-assistant turns unless --completion_only_loss false. --use_peft trains LoRA adapters instead
+only the batches differ (clm/sft.py): padded examples (or, with --packing, rows of several
+examples kept apart) whose loss covers completions and assistant turns unless
+--completion_only_loss false. --eval_metrics scores greedy completions of held-out prompts
+(clm/task_eval.py) at every evaluation, from step 0. --use_peft trains LoRA adapters instead
 and, unless --merge_adapters false, writes the final model with them merged in.
 """
 
@@ -19,19 +22,22 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the package sits
 
 from clm.config import ModelConfig, TrainingConfig, UsageError, run_cli  # noqa: E402
 from clm.sft import LoraArgs, SFTDataConfig  # noqa: E402
+from clm.task_eval import GenerationEvalConfig  # noqa: E402
 
 
 def main(data_cfg: SFTDataConfig, model_cfg: ModelConfig, train_cfg: TrainingConfig,
-         lora: LoraArgs) -> dict:
+         lora: LoraArgs, eval_cfg: GenerationEvalConfig | None = None) -> dict:
     from accelerate.utils import set_seed
 
     from clm import checkpoint as ckpt, data, model as models, outputs, runtime, session, sft
+    from clm import task_eval
 
     # --- check everything the user gave us before any work
     resume = session.check_output(train_cfg)
     if not model_cfg.model_name_or_path:
         raise UsageError("finetuning needs --model_name_or_path (a Hub name such as gpt2, or a "
                          "folder written by train_clm.py)")
+    sft.resolve_block_size(data_cfg, model_cfg.model_name_or_path)
     tokenizer = data.load_tokenizer(data_cfg.tokenizer_name or model_cfg.model_name_or_path)
     sft.ensure_chat_template(tokenizer)
     train_records, heldout_records = sft.split_records(data_cfg)
@@ -39,17 +45,24 @@ def main(data_cfg: SFTDataConfig, model_cfg: ModelConfig, train_cfg: TrainingCon
                                      data_cfg.completion_only_loss)
     heldout, _ = sft.tokenize(heldout_records, tokenizer, data_cfg.block_size,
                               data_cfg.completion_only_loss)
+    eval_cfg = eval_cfg or GenerationEvalConfig()
+    task_metrics = task_eval.make_eval(eval_cfg, tokenizer,
+                                       heldout_records, data_cfg.block_size,
+                                       train_cfg.per_device_eval_batch_size)
     accelerator = runtime.make_accelerator(train_cfg)
     rank, world = runtime.dist_info()
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     batch = train_cfg.per_device_train_batch_size
-    batches = sft.ExampleLoader(examples, batch, pad, train_cfg.seed, rank, world)
+    batches = sft.ExampleLoader(examples, batch, pad, train_cfg.seed, rank, world,
+                                packing_block_size=data_cfg.block_size if data_cfg.packing else None)
     if lora.use_peft and runtime.zero_stage(accelerator) == 3:
         raise UsageError("--use_peft with ZeRO-3 is not supported (use ds_configs/zero2.json: "
                          "the adapters are small)")
     sft.check_lora_targets(model_cfg.model_name_or_path, lora)
     set_seed(train_cfg.seed)
     model = models.build_model(model_cfg, tokenizer, data_cfg.block_size)
+    if train_cfg.gradient_checkpointing:
+        models.enable_gradient_checkpointing(model)
     if lora.use_peft:
         model = sft.add_lora(model, lora)
     fingerprint = ckpt.fingerprint(model, tokenizer, data_cfg.block_size,
@@ -62,7 +75,7 @@ def main(data_cfg: SFTDataConfig, model_cfg: ModelConfig, train_cfg: TrainingCon
 
     # --- the run itself: the same as pretraining
     run = outputs.resolved_config({"data": data_cfg, "model": model_cfg, "training": train_cfg,
-                                   "lora": lora}, model, world, train_cfg, data_cfg.block_size)
+                                   "lora": lora, "evaluation": eval_cfg}, model, world, train_cfg, data_cfg.block_size)
     run.update(task="sft", train_examples=len(examples), heldout_examples=len(heldout),
                skipped_examples=dropped,
                trainable_params=sum(p.numel() for p in model.parameters() if p.requires_grad))
@@ -70,9 +83,10 @@ def main(data_cfg: SFTDataConfig, model_cfg: ModelConfig, train_cfg: TrainingCon
         accelerator, train_cfg, model, tokenizer, batches,
         sft.eval_batches(heldout, train_cfg.per_device_eval_batch_size, pad), run, fingerprint,
         resume, data_cfg.block_size,
-        finalize=sft.merge_lora if lora.use_peft and lora.merge_adapters else None)
+        finalize=sft.merge_lora if lora.use_peft and lora.merge_adapters else None,
+        extra_evals=[task_metrics] if task_metrics else [])
 
 
 if __name__ == "__main__":
-    run_cli(main, [SFTDataConfig, ModelConfig, TrainingConfig, LoraArgs],
+    run_cli(main, [SFTDataConfig, ModelConfig, TrainingConfig, LoraArgs, GenerationEvalConfig],
             description=__doc__.splitlines()[0])

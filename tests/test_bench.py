@@ -50,13 +50,16 @@ def test_train_throughput_runs_ours_and_the_reference(tmp_path, corpus_dir, toke
     proc = subprocess.run(
         [sys.executable, "bench/train_throughput.py", "--config",
          str(write_config(tmp_path, corpus_dir, tokenizer_dir)), "--block_size", "32",
-         "--batch_size", "4", "--warmup", "1", "--steps", "3", "--workers", "0"],
+         "--batch_size", "4", "--warmup", "1", "--steps", "3", "--workers", "0",
+         "--repeats", "2"],
         capture_output=True, text=True, cwd=ROOT, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     result = json.loads(proc.stdout)
     for side in ("ours", "reference"):
         assert result[side]["tokens_per_sec"] > 0 and result[side]["step_s"] > 0
         assert result[side]["peak_memory_gb"] > 0
+        assert len(result[side]["tokens_per_sec_runs"]) == 2  # alternating runs
+        assert result[side]["tokens_per_sec"] in result[side]["tokens_per_sec_runs"]
     assert result["ours"]["params"] == result["reference"]["params"], "same shapes"
     assert 0 <= result["ours"]["data_wait"] < 1 and result["ours_over_reference"] > 0
 

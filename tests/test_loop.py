@@ -44,6 +44,29 @@ def test_chunked_loss_equals_plain_in_value_and_gradient():
         F.cross_entropy(x, torch.arange(10) % 5, reduction="sum").item(), rel=1e-6)
 
 
+def test_compiled_loss_equals_the_eager_one_in_value_and_gradient():
+    torch.manual_seed(0)
+    logits = torch.randn(64, 37) * 3
+    labels = torch.randint(0, 37, (64,))
+    labels[::5] = -100
+    grads, values = [], []
+    try:
+        for compiled in (False, True):
+            loop.compile_loss(compiled)
+            x = logits.clone().requires_grad_()
+            nll = loop.nll_sum(x, labels)
+            nll.backward()
+            values.append(nll.item())
+            grads.append(x.grad)
+    finally:
+        loop.compile_loss(False)
+    assert loop._chunk_nll_fn is loop._chunk_nll
+    # one reduction order against another: float32 rounding, not a different loss
+    assert values[1] == pytest.approx(values[0], rel=1e-5)
+    torch.testing.assert_close(grads[1], grads[0], rtol=1e-5, atol=1e-6)
+    assert grads[0][::5].abs().max() == 0 and grads[1][::5].abs().max() == 0
+
+
 def test_shifted_labels_give_the_loss_of_shifted_logits():
     model = toy_model()
     ids = torch.randint(1, 50, (3, 16))
@@ -85,7 +108,7 @@ def test_packed_batches_reach_sdpa_unmasked_and_causal(monkeypatch):
     assert seen == [(True, True)] * 2
 
 
-def test_fused_adamw_is_chosen_for_a_cuda_device_before_prepare():
+def test_fused_adamw_is_chosen_for_cuda_and_cpu_before_prepare():
     from accelerate.utils import DistributedType
 
     def accel(device, kind=DistributedType.NO, ds=None):
@@ -95,7 +118,9 @@ def test_fused_adamw_is_chosen_for_a_cuda_device_before_prepare():
 
     assert runtime.fused_optimizer(accel("cuda")) is True
     assert runtime.fused_optimizer(accel("cuda", DistributedType.MULTI_GPU)) is True
-    assert runtime.fused_optimizer(accel("cpu")) is False
+    assert runtime.fused_optimizer(accel("cpu")) is True  # torch has a fused CPU kernel
+    assert runtime.fused_optimizer(accel("cpu", DistributedType.DEEPSPEED)) is False
+    assert runtime.fused_optimizer(accel("mps")) is False
     assert runtime.fused_optimizer(accel("cuda", DistributedType.DEEPSPEED,
                                          {"zero_optimization": {"stage": 2}})) is True
     offload = {"zero_optimization": {"stage": 3, "offload_optimizer": {"device": "cpu"}}}

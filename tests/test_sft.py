@@ -1,5 +1,6 @@
 """Finetuning: record formats and loss masks, the loader, errors, and the real run_sft main()."""
 
+import ast
 import json
 import shutil
 import sys
@@ -11,12 +12,15 @@ import yaml
 from clm import sft
 from clm.config import ModelConfig, TrainingConfig, parse_config, run_cli
 from clm.corpus import build_sft_records
+from clm.task_eval import GenerationEvalConfig
 from helpers import ROOT, assert_same_records, metrics, run, toy_args
 
 sys.path.insert(0, str(ROOT / "finetune"))
 import run_sft  # noqa: E402
 
-SFT_TYPES = [sft.SFTDataConfig, ModelConfig, TrainingConfig, sft.LoraArgs]
+SFT_TYPES = [sft.SFTDataConfig, ModelConfig, TrainingConfig, sft.LoraArgs,
+             GenerationEvalConfig]
+CPU = torch.device("cpu")
 WORDS = ["ka", "lo", "mi", "ten", "ra", "sol", "ve", "nu"]
 
 
@@ -149,12 +153,91 @@ def test_loader_deals_disjoint_equal_shares_and_resumes_exactly():
     assert [next(it)["input_ids"].tolist() for _ in range(6)] == expected
 
 
-def test_demo_records_from_docstrings(tmp_path):
+def test_packing_fills_rows_once_per_epoch_and_resumes_exactly():
+    lengths = [3, 9, 4, 12, 2, 7, 5, 16, 6, 8, 3, 11, 2, 5, 9, 4] * 3
+    examples = [{"input_ids": [i] * n, "labels": [i] * n} for i, n in enumerate(lengths)]
+    rows = sft.pack(examples, 16, torch.Generator().manual_seed(0))
+    assert sorted(e["input_ids"][0] for row in rows for e in row) == list(range(len(lengths)))
+    assert all(sum(len(e["input_ids"]) for e in row) <= 16 for row in rows)
+    # best-fit decreasing wastes little: 318 tokens need at least 20 rows of 16
+    assert len(rows) <= 21
+    batch = sft.collate_packed(rows[:2], pad_id=0)
+    for r, row in enumerate(rows[:2]):
+        starts = [0]
+        for e in row:
+            starts.append(starts[-1] + len(e["input_ids"]))
+        for (a, b), e in zip(zip(starts, starts[1:]), row):
+            assert batch["position_ids"][r, a:b].tolist() == list(range(b - a))
+            assert batch["labels"][r, a] == -100, "no example predicts another's first token"
+            assert batch["labels"][r, a + 1:b].tolist() == e["labels"][1:]
+        assert batch["attention_mask"][r].sum() == starts[-1]
+        assert (batch["labels"][r, starts[-1]:] == -100).all()
+    loader = sft.ExampleLoader(examples, 4, 0, seed=1, packing_block_size=16)
+    it = iter(loader)
+    for _ in range(loader.batches_per_epoch + 1):  # into the second epoch
+        next(it)
+    state = loader.state_dict()
+    expected = [next(it)["input_ids"].tolist() for _ in range(5)]
+    again = sft.ExampleLoader(examples, 4, 0, seed=1, packing_block_size=16)
+    again.load_state_dict(json.loads(json.dumps(state)))
+    it = iter(again)
+    assert [next(it)["input_ids"].tolist() for _ in range(5)] == expected
+
+
+@pytest.mark.parametrize("attn", ["sdpa", "eager"])
+def test_packed_examples_have_the_losses_they_have_alone(attn):
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    from clm import loop
+
+    torch.manual_seed(0)
+    model = GPT2LMHeadModel(GPT2Config(n_layer=2, n_head=2, n_embd=64, n_positions=64,
+                                       vocab_size=96, bos_token_id=0, eos_token_id=0,
+                                       resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0))
+    model.set_attn_implementation(attn)
+    examples = [{"input_ids": ids, "labels": [-100] * k + ids[k:]}
+                for ids, k in [(torch.randint(1, 96, (n,)).tolist(), k)
+                               for n, k in [(9, 3), (14, 0), (5, 2), (20, 6), (7, 1)]]]
+    rows = sft.pack(examples, 32, torch.Generator().manual_seed(0))
+    assert any(len(row) > 1 for row in rows)
+    batch, labels, tokens = loop.prepare_batch(sft.collate_packed(rows, pad_id=0),
+                                               torch.device("cpu"))
+    assert "attention_mask" not in batch and tokens == sum(len(e["input_ids"]) for e in examples)
+    with torch.no_grad():
+        logits = model(input_ids=batch["input_ids"], position_ids=batch["position_ids"],
+                       use_cache=False).logits
+        per_token = torch.nn.functional.cross_entropy(
+            logits.transpose(1, 2), batch["labels"], ignore_index=-100, reduction="none")
+        for r, row in enumerate(rows):
+            at = 0
+            for e in row:
+                n = len(e["input_ids"])
+                alone, alone_labels, _ = loop.prepare_batch(sft.collate([e], 0), CPU)
+                assert per_token[r, at:at + n].sum().item() == pytest.approx(
+                    loop.token_nll(model, alone).item(), rel=1e-5, abs=1e-5)
+                at += n
+        total_alone = sum(loop.token_nll(model, loop.prepare_batch(sft.collate([e], 0),
+                                                                   CPU)[0]).item()
+                          for e in examples)
+        assert loop.token_nll(model, batch).item() == pytest.approx(total_alone, rel=1e-5)
+    assert labels == sum(sum(x != -100 for x in e["labels"][1:]) for e in examples)
+
+
+def test_demo_records_ask_for_parameter_names(tmp_path):
     summary = build_sft_records(tmp_path / "train.jsonl", max_records=40)
     recs = [json.loads(line) for line in (tmp_path / "train.jsonl").read_text().splitlines()]
     assert summary["records"] == len(recs) == 40
     assert sum("prompt" in r for r in recs) == sum("messages" in r for r in recs) == 20
-    assert all(r["completion"].endswith(".") for r in recs if "prompt" in r)
+    for r in recs:  # the answer is the signature's parameter names, in order
+        signature = r["prompt"] if "prompt" in r else r["messages"][0]["content"]
+        answer = r["completion"] if "prompt" in r else r["messages"][1]["content"]
+        tree = ast.parse(signature[signature.index("def "):signature.index(":\n") + 1
+                                   if ":\n" in signature else None] + " pass")
+        args = tree.body[0].args
+        expected = [a.arg for a in args.posonlyargs + args.args] + \
+            (["*" + args.vararg.arg] if args.vararg else []) + \
+            [a.arg for a in args.kwonlyargs] + (["**" + args.kwarg.arg] if args.kwarg else [])
+        assert answer.strip() == ", ".join(expected)
 
 
 @pytest.fixture(scope="module")
@@ -207,6 +290,50 @@ def test_run_sft_end_to_end(tmp_path, pretrained):
     assert_same_records(metrics(resumed), metrics(out))
 
 
+def test_packing_default_block_size_and_exact_match_from_step_0(tmp_path, pretrained, capsys):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    data = write_jsonl(tmp_path / "records.jsonl", records())
+    out = tmp_path / "packed"
+    argv = sft_args(pretrained, data, out, max_steps=6, eval_steps=3, num_samples=0)
+    options = dict(zip(argv[::2], argv[1::2]))
+    options.pop("--block_size")  # the model's context length, as HF's run_clm
+    options.update({"--packing": "true", "--eval_metrics": "exact_match",
+                    "--eval_generate_samples": "8", "--eval_max_new_tokens": "4"})
+    result = run_sft_main([x for pair in options.items() for x in pair])
+    cfg = yaml.safe_load((out / "run_config.yaml").read_text())
+    positions = json.loads((pretrained / "config.json").read_text())["n_positions"]
+    assert cfg["data"]["block_size"] == min(positions, 1024) and cfg["data"]["packing"]
+    evals = [r for r in metrics(out) if "eval_loss" in r]
+    assert [r["step"] for r in evals] == [0, 3, 6]
+    assert all(0 <= r["eval_exact_match"] <= 1 for r in evals)
+    assert result["final_eval"]["eval_exact_match"] == evals[-1]["eval_exact_match"]
+    assert "held-out exact_match: " in capsys.readouterr().out
+
+    # the final score, computed independently: each held-out prompt alone, greedy, unpadded
+    model = AutoModelForCausalLM.from_pretrained(out).eval()
+    tok = AutoTokenizer.from_pretrained(out)
+    _, held = sft.split_records(sft.SFTDataConfig(train_files=[str(data)],
+                                                  validation_split_percentage=20))
+    hits = n = 0
+    for record in held:
+        pieces = sft.segments(record, tok)
+        if len(pieces) < 2 or not pieces[-1][1]:
+            continue
+        ids = torch.tensor([[t for p, _ in pieces[:-1] for t in p]])
+        new = model.generate(ids, max_new_tokens=4, do_sample=False,
+                             pad_token_id=tok.eos_token_id)[0, ids.shape[1]:].tolist()
+        new = new[:new.index(tok.eos_token_id)] if tok.eos_token_id in new else new
+        hits += tok.decode(new, skip_special_tokens=True).strip() == \
+            tok.decode(pieces[-1][0], skip_special_tokens=True).strip()
+        n += 1
+        if n == 8:
+            break
+    assert evals[-1]["eval_exact_match"] == pytest.approx(hits / n)
+    card = (out / "README.md").read_text()
+    assert "exact_match" in card
+
+
 def test_accumulation_is_exact_with_padding_and_masks(tmp_path, pretrained):
     data = write_jsonl(tmp_path / "records.jsonl", records())
     runs = {}
@@ -227,15 +354,20 @@ def test_accumulation_is_exact_with_padding_and_masks(tmp_path, pretrained):
     ({"train_files": None}, "no finetuning data"),
     ({"per_device_train_batch_size": 200}, "cannot fill one batch of 200"),
     ({"bad_records": True}, "records have columns ['answer', 'question']"),
+    ({"eval_metrics": "no_such_metric"}, "could not load --eval_metrics no_such_metric"),
+    ({"eval_metrics": "exact_match", "text_only": True}, "--eval_metrics needs held-out records"),
+    ({"block_size": 4096}, "--block_size 4096 is above the model's"),
 ])
 def test_bad_input_is_one_line_exit_2(tmp_path, capsys, pretrained, change, message):
     data = write_jsonl(tmp_path / "records.jsonl", records())
     if change.pop("bad_records", False):
         data = write_jsonl(tmp_path / "bad.jsonl", [{"question": "q", "answer": "a"}] * 20)
+    if change.pop("text_only", False):
+        data = write_jsonl(tmp_path / "text.jsonl", [r for r in records() if "text" in r])
     base = sft_args(pretrained, data, tmp_path / "o")
     options = dict(zip(base[::2], base[1::2]))
     for key, value in change.items():
-        options.pop(f"--{key}")
+        options.pop(f"--{key}", None)
         if value is not None:
             options[f"--{key}"] = str(value)
     with pytest.raises(SystemExit) as e:
@@ -247,7 +379,7 @@ def test_bad_input_is_one_line_exit_2(tmp_path, capsys, pretrained, change, mess
 
 
 def test_sft_demo_yaml_parses():
-    data_cfg, model_cfg, train_cfg, _ = parse_config(SFT_TYPES, ["--config",
+    data_cfg, model_cfg, train_cfg, _, _ = parse_config(SFT_TYPES, ["--config",
                                                               str(ROOT / "configs" / "sft_demo.yaml")])
     assert model_cfg.model_name_or_path == "outputs/demo" and data_cfg.completion_only_loss
     assert train_cfg.output_dir == "outputs/sft_demo"

@@ -267,11 +267,112 @@ def test_torch_compile_trains_and_resumes_without_it(tmp_path, corpus_dir, token
                                         save_steps=2, **kw)
     result = run(args(2, torch_compile="true"))
     assert math.isfinite(result["final_eval_loss"])
+    assert loop._chunk_nll_fn is not loop._chunk_nll, "the loss was compiled with the model"
     AutoModelForCausalLM.from_pretrained(out)  # saved without torch.compile's wrapper names
     compiled = load_file(out / "checkpoints" / "step-2" / "state" / "model.safetensors")
     assert not [k for k in compiled if "_orig_mod" in k]
     reset_accelerate()
     run(args(4) + ["--resume_from_checkpoint", "latest"])
+    assert loop._chunk_nll_fn is loop._chunk_nll, "a run without --torch_compile runs eager"
     plain = load_file(out / "checkpoints" / "step-4" / "state" / "model.safetensors")
     # the same names either way, so the reverse (plain checkpoint, compiled resume) loads too
     assert plain.keys() == compiled.keys()
+
+
+def test_gradient_checkpointing_recomputes_and_trains_the_same(tmp_path, corpus_dir,
+                                                                tokenizer_dir, toy_config_dir):
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    from clm import model as models
+    from helpers import assert_same_training
+
+    toy = GPT2LMHeadModel(GPT2Config(n_layer=2, n_head=2, n_embd=64, n_positions=64,
+                                     vocab_size=128))
+    models.enable_gradient_checkpointing(toy)
+    calls = []  # a pre-hook inside the block: the recomputation stops once it has what it needs
+    toy.transformer.h[0].mlp.register_forward_pre_hook(lambda *args: calls.append(1))
+    ids = torch.randint(0, 128, (2, 16))
+    toy.train()
+    toy(input_ids=ids, labels=ids).loss.backward()
+    assert len(calls) == 2, "the block ran again in the backward pass"
+    toy.eval()
+    with torch.no_grad():
+        toy(input_ids=ids)
+    assert len(calls) == 3, "evaluation does not recompute"
+
+    schedule = {"max_steps": 3, "warmup_steps": 2, "learning_rate": 3e-3, "min_lr": 3e-4}
+    for on in ("false", "true"):
+        run(toy_args(corpus_dir, tokenizer_dir, toy_config_dir, tmp_path / on, eval_steps=0,
+                     num_samples=0, gradient_checkpointing=on, **schedule))
+        reset_accelerate()
+    assert_same_training(tmp_path / "false", tmp_path / "true", **schedule)
+    for on, flag in (("false", False), ("true", True)):
+        cfg = yaml.safe_load((tmp_path / on / "run_config.yaml").read_text())
+        assert cfg["training"]["gradient_checkpointing"] is flag
+    saved = json.loads((tmp_path / "true" / "config.json").read_text())
+    assert not [k for k in saved if "checkpointing" in k], "the model folder is unchanged"
+
+
+@pytest.mark.parametrize("given, launcher, expected", [
+    (None, None, "no"), (None, "bf16", "bf16"), (None, "fp16", "fp16"), (None, "no", "no"),
+    ("bf16", None, "bf16"), ("bf16", "no", "bf16"), ("fp16", "fp16", "fp16"), ("no", "no", "no"),
+])
+def test_mixed_precision_from_the_launcher(monkeypatch, given, launcher, expected):
+    from clm import runtime
+
+    if launcher is None:
+        monkeypatch.delenv("ACCELERATE_MIXED_PRECISION", raising=False)
+    else:
+        monkeypatch.setenv("ACCELERATE_MIXED_PRECISION", launcher)
+    assert runtime.resolve_mixed_precision(given) == expected
+
+
+def test_mixed_precision_contradicting_the_launcher_is_an_error(tmp_path, monkeypatch):
+    from clm import runtime
+    from clm.config import UsageError
+
+    monkeypatch.setenv("ACCELERATE_MIXED_PRECISION", "bf16")
+    for given in ("fp16", "no"):
+        with pytest.raises(UsageError) as e:
+            runtime.resolve_mixed_precision(given)
+        assert str(e.value) == (
+            f"--mixed_precision {given} contradicts the launcher's bf16 (accelerate launch "
+            "--mixed_precision / the accelerate config): pass one of them")
+    monkeypatch.setenv("ACCELERATE_MIXED_PRECISION", "fp8")
+    with pytest.raises(UsageError, match="the launcher's mixed precision fp8 is not supported"):
+        runtime.resolve_mixed_precision(None)
+    # a DeepSpeed JSON that enables bf16 is checked against the resolved precision, as before
+    ds = json.loads((ROOT / "ds_configs" / "zero2.json").read_text())
+    ds["bf16"] = {"enabled": True}
+    path = tmp_path / "ds.json"
+    path.write_text(json.dumps(ds))
+    cfg = TrainingConfig(output_dir=str(tmp_path / "o"))
+    monkeypatch.setenv("ACCELERATE_MIXED_PRECISION", "bf16")
+    assert runtime.deepspeed_config(str(path), cfg, 1)["bf16"] == {"enabled": True}
+    monkeypatch.delenv("ACCELERATE_MIXED_PRECISION")
+    with pytest.raises(UsageError, match="enables bf16 but --mixed_precision is no"):
+        runtime.deepspeed_config(str(path), cfg, 1)
+
+
+def test_launcher_precision_is_used_and_recorded(tmp_path, corpus_dir, tokenizer_dir,
+                                                 toy_config_dir, monkeypatch):
+    monkeypatch.setenv("ACCELERATE_MIXED_PRECISION", "bf16")
+    out = tmp_path / "launcher_bf16"
+    run(toy_args(corpus_dir, tokenizer_dir, toy_config_dir, out, max_steps=1, eval_steps=0,
+                 num_samples=0))
+    cfg = yaml.safe_load((out / "run_config.yaml").read_text())
+    assert cfg["training"]["mixed_precision"] == "bf16", "the precision the run used"
+
+
+def test_precision_contradiction_via_cli_subprocess(tmp_path):
+    import os
+
+    proc = subprocess.run([sys.executable, str(ROOT / "train_clm.py"), "--output_dir",
+                           str(tmp_path / "o"), "--mixed_precision", "fp16"],
+                          capture_output=True, text=True, cwd=tmp_path,
+                          env={**os.environ, "ACCELERATE_MIXED_PRECISION": "bf16"})
+    assert proc.returncode == 2
+    assert proc.stderr.strip().splitlines() == [
+        "error: --mixed_precision fp16 contradicts the launcher's bf16 (accelerate launch "
+        "--mixed_precision / the accelerate config): pass one of them"]
+    assert not (tmp_path / "o").exists()
