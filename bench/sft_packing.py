@@ -72,8 +72,7 @@ def run(config: str, packing: bool, steps: int, warmup: int, work: Path) -> dict
     base, last = train[warmup - 1], train[-1]
     seconds = last["elapsed_s"] - base["elapsed_s"]
     tokens = last["tokens"] - base["tokens"]
-    per_step = seen["examples_per_batch"] * cfgs[2].per_device_train_batch_size * \
-        cfgs[2].gradient_accumulation_steps
+    per_step = seen["examples_per_batch"] * cfgs[2].gradient_accumulation_steps
     return {"packing": packing, "padding_share": round(seen["pad"], 4),
             "examples_per_step": round(per_step, 1),
             "real_tokens_per_sec": round(tokens / seconds, 1),
