@@ -23,6 +23,11 @@ class UsageError(ValueError):
     """Bad input from the user: printed as `error: <message>` with exit code 2, no traceback."""
 
 
+def first_line(e: BaseException) -> str:
+    """An exception's first line (its type's name when it has no message), for one-line errors."""
+    return str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+
+
 def _help(text: str, **kw):
     return field(metadata={"help": text}, **kw)
 

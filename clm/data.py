@@ -41,7 +41,7 @@ from typing import Iterator, Optional
 import numpy as np
 import torch
 
-from .config import DataConfig, UsageError
+from .config import DataConfig, UsageError, first_line
 
 BUILDERS = {".txt": "text", ".jsonl": "json", ".json": "json", ".parquet": "parquet"}
 TOKENIZE_CHUNK = 128  # documents per tokenizer call: large enough to amortise, small for latency
@@ -115,7 +115,7 @@ def open_source(cfg: DataConfig, split: str = "train"):
     except StopIteration:  # datasets' schema inference on data without a single record
         raise empty from None
     except Exception as e:
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        first = first_line(e)
         raise UsageError(f"could not load {what}: {first} (check the name, revision and "
                          "network; offline, use --train_files or a local folder)") from None
     if not cfg.streaming:
@@ -153,7 +153,7 @@ def load_tokenizer(name: str):
     try:
         tok = AutoTokenizer.from_pretrained(name)
     except Exception as e:
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        first = first_line(e)
         raise UsageError(f"could not load tokenizer '{name}': {first} "
                          "(pass --tokenizer_name with a Hub name or a local tokenizer folder)") from None
     if tok.eos_token_id is None:

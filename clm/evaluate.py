@@ -33,7 +33,7 @@ from typing import Callable, Optional
 
 import torch
 
-from clm.config import UsageError, _help, run_cli
+from clm.config import UsageError, _help, first_line, run_cli
 from clm.runtime import dist_info
 
 HELLASWAG_HUB = "Rowan/hellaswag"
@@ -153,7 +153,7 @@ def _read_hub(limit: Optional[int]) -> list[dict]:
             data = load_dataset(HELLASWAG_HUB, split="validation", revision=revision)
             break
         except Exception as e:  # network, offline mode, a script the library no longer runs
-            errors.append(str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__)
+            errors.append(first_line(e))
     else:
         raise UsageError(f"could not load {HELLASWAG_HUB} from the Hub: {errors[0]} (check the "
                          "network and HF_HUB_OFFLINE, or pass --data_files FILE with the "

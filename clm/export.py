@@ -24,7 +24,7 @@ import sys
 from pathlib import Path
 
 from .checkpoint import MANIFEST, save_model_folder, step_folders, verify
-from .config import UsageError
+from .config import UsageError, first_line
 
 
 ZERO_TAG = "pytorch_model"  # the tag Accelerate's save_state gives DeepSpeed checkpoints
@@ -33,10 +33,6 @@ WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_mo
 ADAPTER_FILES = ("adapter_model.safetensors", "adapter_model.bin")
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "merges.txt",
                    "special_tokens_map.json", "added_tokens.json", "chat_template.jinja")
-
-
-def _first_line(e: Exception) -> str:
-    return str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
 
 
 # ----------------------------------------------------------------------------- model folders
@@ -87,7 +83,7 @@ def _load_adapters(folder: Path, arg: str, dtype):
     try:
         base_name = PeftConfig.from_pretrained(folder).base_model_name_or_path
     except Exception as e:
-        raise UsageError(f"{arg}{folder}: unreadable adapter_config.json: {_first_line(e)} "
+        raise UsageError(f"{arg}{folder}: unreadable adapter_config.json: {first_line(e)} "
                          "(pass a folder written by run_sft.py --use_peft)") from None
     try:
         # merged in float32 whatever the run's dtype: the low-rank update is small next to the
@@ -95,14 +91,14 @@ def _load_adapters(folder: Path, arg: str, dtype):
         base = AutoModelForCausalLM.from_pretrained(base_name, dtype=torch.float32)
     except Exception as e:
         raise UsageError(f"{arg}{folder} holds LoRA adapters for the base model {base_name}, "
-                         f"which could not be loaded: {_first_line(e)} (put that model back, or "
+                         f"which could not be loaded: {first_line(e)} (put that model back, or "
                          f"set base_model_name_or_path in {folder / 'adapter_config.json'})"
                          ) from None
     try:
         model = PeftModel.from_pretrained(base, folder).merge_and_unload()
     except Exception as e:
         raise UsageError(f"{arg}{folder}: the adapters do not fit their base model {base_name}: "
-                         f"{_first_line(e)} (pass the base they were trained on)") from None
+                         f"{first_line(e)} (pass the base they were trained on)") from None
     return (model if dtype is None else model.to(dtype)), base_name
 
 
@@ -132,13 +128,13 @@ def load_plain_model(name: str, dtype=None, arg: str = "--model "):
         try:
             model = AutoModelForCausalLM.from_pretrained(name, dtype=dtype or "auto")
         except Exception as e:
-            raise UsageError(f"could not load {arg}{name}: {_first_line(e)} (pass a model "
+            raise UsageError(f"could not load {arg}{name}: {first_line(e)} (pass a model "
                              "folder or a Hub name)") from None
     try:
         tokenizer = AutoTokenizer.from_pretrained(tokenizer_from)
     except Exception as e:
         raise UsageError(f"could not load the tokenizer of {arg}{name} from {tokenizer_from}: "
-                         f"{_first_line(e)} (pass a folder with tokenizer files)") from None
+                         f"{first_line(e)} (pass a folder with tokenizer files)") from None
     return model.eval(), tokenizer
 
 
@@ -189,7 +185,7 @@ def load_training_weights(checkpoint: Path):
             config = AutoConfig.from_pretrained(base)
         except Exception as e:
             raise UsageError(f"checkpoint {checkpoint} holds LoRA adapters for the base model "
-                             f"{base}, whose config could not be loaded: {_first_line(e)} (put "
+                             f"{base}, whose config could not be loaded: {first_line(e)} (put "
                              "that model back)") from None
         model = get_peft_model(AutoModelForCausalLM.from_config(config), peft_config)
     else:

@@ -22,6 +22,8 @@ import threading
 import time
 from pathlib import Path
 
+from .config import first_line
+
 FINAL_IGNORE = ["checkpoints/*", "wandb/*", "runs/*", ".*", "*/.*", "*.tmp"]
 CHECKPOINT_IGNORE = ["state/*", "manifest.json", "trainer_state.json", ".*", "*.tmp"]
 
@@ -105,7 +107,7 @@ class HubPusher:
                 self._say(f"hub: pushed {folder} to {self.repo_id}@{revision}")
                 return True
             except Exception as e:  # network, server or auth: report, back off, retry
-                first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+                first = first_line(e)
                 self._say(f"hub: push of {revision} failed (attempt {attempt}/{self.retries}): "
                           f"{first}")
                 if attempt < self.retries:

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import torch
 
-from .config import ModelConfig, UsageError
+from .config import ModelConfig, UsageError, first_line
 
 # (n_layer, n_head, n_embd, n_positions); the GPT-2 sizes are the published ones.
 PRESET_SHAPES = {
@@ -63,7 +63,7 @@ def build_model(cfg: ModelConfig, tokenizer, block_size: int, dtype=None):
             model = AutoModelForCausalLM.from_pretrained(cfg.model_name_or_path, dtype=dtype,
                                                          **kwargs)
         except Exception as e:
-            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            first = first_line(e)
             raise UsageError(f"could not load --model_name_or_path {cfg.model_name_or_path}: "
                              f"{first} (pass a Hub name or a folder with a model)") from None
     else:

@@ -26,7 +26,7 @@ from pathlib import Path
 import torch
 
 from . import model as models
-from .config import DataConfig, ModelConfig, TrainingConfig, UsageError
+from .config import DataConfig, ModelConfig, TrainingConfig, UsageError, first_line
 
 GIB = 2**30
 GPT2_VOCAB = 50257
@@ -85,7 +85,7 @@ def _local_config(name: str, option: str):
     try:  # a folder, or a Hub name already in the local cache: no download either way
         return AutoConfig.from_pretrained(name, local_files_only=True)
     except Exception as e:
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        first = first_line(e)
         raise UsageError(f"--dry_run needs {option} {name} locally (a folder or the Hub cache): "
                          f"{first} (download it first, or plan with --model_preset)") from None
 

@@ -26,7 +26,7 @@ from contextlib import nullcontext
 
 import torch
 
-from .config import TrainingConfig, UsageError
+from .config import TrainingConfig, UsageError, first_line
 
 TRACKERS = {"none": [], "wandb": ["wandb"], "tensorboard": ["tensorboard"],
             "all": ["wandb", "tensorboard"]}
@@ -175,7 +175,7 @@ def choose_attention(device: torch.device, mixed_precision: str, attn_implementa
         with sdpa_kernel([SDPBackend.FLASH_ATTENTION]):
             torch.nn.functional.scaled_dot_product_attention(q, q, q, is_causal=True)
     except RuntimeError as e:
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        first = first_line(e)
         raise UsageError(f"SDPA's flash kernel cannot run on {torch.cuda.get_device_name(device)}"
                          f" for head size {head_dim} in {mixed_precision}: {first} (use an "
                          "Ampere or newer GPU, or --attn_implementation eager)") from None

@@ -24,7 +24,7 @@ from typing import Optional
 
 import torch
 
-from .config import UsageError, _help
+from .config import UsageError, _help, first_line
 from .data import BUILDERS, is_heldout, resolve_files
 
 # For tokenizers without a chat template (GPT-2's): role headers, each message ended by EOS.
@@ -156,7 +156,7 @@ def resolve_block_size(cfg: SFTDataConfig, model_name_or_path: str) -> int:
     try:
         config = AutoConfig.from_pretrained(model_name_or_path)
     except Exception as e:
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        first = first_line(e)
         raise UsageError(f"could not load --model_name_or_path {model_name_or_path}: {first} "
                          "(pass a Hub name or a folder with a model)") from None
     context = getattr(config, "n_positions", None) or \
@@ -191,7 +191,7 @@ def load_records(cfg: SFTDataConfig, split: str = "train") -> list[dict]:
     except UsageError:
         raise
     except Exception as e:
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        first = first_line(e)
         raise UsageError(f"could not load the {split} records: {first} (check --train_files "
                          "or --dataset_name)") from None
     finally:

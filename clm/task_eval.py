@@ -23,7 +23,7 @@ from typing import Optional
 
 import torch
 
-from .config import UsageError, _help
+from .config import UsageError, _help, first_line
 from .runtime import dist_info
 
 LOCAL_MODULES = Path(__file__).resolve().parent / "eval_modules"
@@ -63,7 +63,7 @@ def load_metric(name: str):
     try:
         return evaluate.load(where)
     except Exception as e:
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        first = first_line(e)
         offline = ", ".join(sorted(p.name for p in LOCAL_MODULES.iterdir() if p.is_dir()))
         raise UsageError(f"could not load --eval_metrics {name}: {first[:200]} (offline "
                          f"metrics: {offline}; a local evaluate module path; Hub metrics need "
