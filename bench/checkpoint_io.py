@@ -55,10 +55,12 @@ def checkpoint_figures(data_cfg, tok, out: Path) -> dict:
     next(iter(loader))
     state = LoopState(step=1, tokens=64)
     t0 = time.perf_counter()
-    path = ckpt.save_checkpoint(accelerator, model, tok, loader, state, {"fingerprint": {}}, out)
+    path = ckpt.save_checkpoint(accelerator, model, optimizer, tok, loader, state,
+                                {"fingerprint": {}}, out)
     save_s = time.perf_counter() - t0
     t0 = time.perf_counter()
-    ckpt.load_checkpoint(accelerator, path, train_loader(data_cfg, tok, 1, seed=0))
+    ckpt.load_checkpoint(accelerator, model, optimizer, path,
+                         train_loader(data_cfg, tok, 1, seed=0))
     load_s = time.perf_counter() - t0
     params = sum(p.numel() for p in model.parameters())
     return {"params": params, "checkpoint_bytes": dir_size(path),

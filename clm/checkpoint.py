@@ -5,8 +5,9 @@
 
 `checkpoints/step-<N>/` holds a plain Hugging Face model folder at its top (so `pipeline()` and
 `generate.py` load it directly) and, under `state/`, everything else a run needs to continue
-exactly: model and optimizer (and grad scaler) through `Accelerator.save_state`, which is also
-what DeepSpeed plugs into, each rank's RNG states, each rank's data-pipeline state, and
+exactly: model and optimizer (and grad scaler) as the run's backend saves them
+(`Accelerator.save_state`, which DeepSpeed plugs into; FSDP2: a torch.distributed.checkpoint
+folder), each rank's RNG states, each rank's data-pipeline state, and
 `trainer_state.json` (the loop's counters, the tracker's run id, and what must match on resume).
 It is written under `.step-<N>.tmp`, flushed, listed with its file sizes in `manifest.json`
 and only then renamed into place; `latest` is the newest checkpoint whose manifest checks out.
@@ -24,7 +25,8 @@ from pathlib import Path
 import torch
 
 from .config import UsageError
-from .runtime import dist_info, is_deepspeed, zero_stage
+from .backend import backend_of
+from .runtime import dist_info
 
 MANIFEST = "manifest.json"
 
@@ -55,47 +57,9 @@ def save_model_folder(model, tokenizer, dest: str | Path) -> Path:
 
 
 def full_model(accelerator, model):
-    """The plain model with every weight, on the main process (None on the others).
-
-    Every rank must call it: under DeepSpeed the weights are the optimizer's fp32 masters,
-    gathered from the ranks' partitions (under bf16/fp16 the engine's own module holds 16-bit
-    copies, and under ZeRO-3 only a slice of each), loaded into a fresh fp32 copy of the model.
-    """
-    inner = accelerator.unwrap_model(model)
-    if not is_deepspeed(accelerator):
-        return inner if accelerator.is_main_process else None
-    state = _fp32_masters(inner)
-    if state is None:  # an engine without fp32 masters to read: its (gathered) weights
-        if zero_stage(accelerator) != 3:
-            return inner if accelerator.is_main_process else None
-        state = accelerator.get_state_dict(model)
-    if not accelerator.is_main_process:
-        return None
-    plain = type(inner)(inner.config)
-    missing, unexpected = plain.load_state_dict(state, strict=False)
-    tied = {"lm_head.weight"} if inner.config.tie_word_embeddings else set()
-    if set(missing) - tied or unexpected:
-        raise RuntimeError(f"gathered ZeRO-3 weights do not match the model: missing "
-                           f"{sorted(set(missing) - tied)}, unexpected {sorted(unexpected)}")
-    plain.tie_weights()
-    plain.generation_config = inner.generation_config
-    return plain
-
-
-def _fp32_masters(inner) -> dict | None:
-    """Under DeepSpeed, every weight as the optimizer's fp32 master copy, gathered from the
-    ranks' partitions (collective: every rank calls it). The engine computes with 16-bit copies
-    under bf16/fp16; the folder holds the masters, which is what training continues from and
-    what `clm.export` rebuilds from a checkpoint. None where the engine keeps no masters."""
-    from deepspeed.utils import safe_get_full_fp32_param
-
-    state = {}
-    for name, param in inner.named_parameters():
-        full = safe_get_full_fp32_param(param)
-        if full is None:
-            return None
-        state[name] = full.detach().float().cpu()
-    return state
+    """The plain model with every weight, on the main process (None on the others). Every
+    rank must call it: the backend gathers sharded weights (DeepSpeed: the fp32 masters)."""
+    return backend_of(accelerator).full_model(model)
 
 
 def _fsync(path: Path) -> None:
@@ -273,7 +237,7 @@ def _dist_ok(accelerator, ok: bool) -> bool:
     return ok
 
 
-def save_checkpoint(accelerator, model, tokenizer, loader, state, meta: dict,
+def save_checkpoint(accelerator, model, optimizer, tokenizer, loader, state, meta: dict,
                     output_dir: str | Path, save_total_limit: int | None = None,
                     keep=()) -> Path:
     """Write checkpoints/step-<state.step> on every rank; returns its path.
@@ -294,7 +258,7 @@ def save_checkpoint(accelerator, model, tokenizer, loader, state, meta: dict,
     plain = full_model(accelerator, model)
     error = None
     try:
-        accelerator.save_state(str(tmp / "state"), safe_serialization=True)
+        backend_of(accelerator).save_state(model, optimizer, tmp / "state")
         _write_json(tmp / "state" / f"data_rank{_rank()}.json", loader.state_dict())
         if main:
             save_model_folder(plain, tokenizer, tmp)
@@ -349,9 +313,9 @@ def rotate(output_dir: str | Path, limit: int | None, keep=()) -> list[Path]:
     return doomed
 
 
-def load_checkpoint(accelerator, path: Path, loader) -> dict:
+def load_checkpoint(accelerator, model, optimizer, path: Path, loader) -> dict:
     """Restore model, optimizer, RNG and this rank's data state; returns trainer_state.json."""
-    accelerator.load_state(str(path / "state"))
+    backend_of(accelerator).load_state(model, optimizer, path / "state")
     data_file = path / "state" / f"data_rank{_rank()}.json"
     if not data_file.is_file():
         raise CheckpointError(f"checkpoint {path} has no data state for rank {_rank()} "

@@ -172,6 +172,10 @@ class TrainingConfig:
         "no, bf16 (autocast, fp32 master weights) or fp16. Default: the launcher's (`accelerate "
         "launch --mixed_precision`, or mixed_precision in its config file), else no; given both, "
         "they must agree. run_config.yaml records the precision the run used.", default=None)
+    fsdp: str = _help(
+        "full_shard: FSDP2, every transformer block's parameters, gradients and optimizer states "
+        "sharded over the processes (as ZeRO-3); mixed precision from --mixed_precision. "
+        "Also chosen by accelerate_configs/fsdp.yaml.", default="")
     gradient_checkpointing: bool = _help(
         "Recompute each transformer block's activations in the backward pass instead of keeping "
         "them: about a third more compute for a fraction of the activation memory (see "
@@ -255,6 +259,12 @@ class TrainingConfig:
         if self.deepspeed and not os.path.isfile(self.deepspeed):
             raise UsageError(f"--deepspeed {self.deepspeed}: no such file (pass a JSON config such "
                              "as ds_configs/zero2.json)")
+        self.fsdp = " ".join(self.fsdp.split()).removesuffix(" auto_wrap")
+        if self.fsdp not in ("", "full_shard"):
+            raise UsageError(f"unknown --fsdp '{self.fsdp}' (the supported mode is full_shard; "
+                             "for other ZeRO stages use --deepspeed)")
+        if self.fsdp and self.deepspeed:
+            raise UsageError("--fsdp and --deepspeed both given (choose one)")
         self._check_dry_run()
 
     def _check_dry_run(self):

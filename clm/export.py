@@ -7,7 +7,8 @@ A checkpoint's weights are read from its training state (`state/`, what a resume
 copied from the HF files beside it, so the export is exactly the model training would continue
 from: `state/model.safetensors` for DDP and single-process runs, and for DeepSpeed ZeRO-1/2/3
 the fp32 master weights, whose partitions (one file per rank) are gathered back into whole
-tensors by DeepSpeed's own reader. No GPU or process group is needed for either. A LoRA
+tensors by DeepSpeed's own reader; for FSDP2 the torch.distributed.checkpoint folder
+(`state/dcp/`), read whole by torch's format converter. No GPU or process group is needed. A LoRA
 finetune's checkpoint is exported with its adapters merged into the base weights. The folder
 gets the checkpoint's config, generation config and tokenizer.
 
@@ -23,9 +24,11 @@ import argparse
 import sys
 from pathlib import Path
 
+import torch
+
+from .backend import DCP_DIR
 from .checkpoint import MANIFEST, save_model_folder, step_folders, verify
 from .config import UsageError, first_line
-
 
 ZERO_TAG = "pytorch_model"  # the tag Accelerate's save_state gives DeepSpeed checkpoints
 WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin",
@@ -150,6 +153,19 @@ def _zero_weights(state_dir: Path) -> dict:
     return get_fp32_state_dict_from_zero_checkpoint(str(state_dir), tag=ZERO_TAG)
 
 
+def _fsdp_weights(dcp_dir: Path) -> dict:
+    """Full weights of an FSDP2 checkpoint (a torch.distributed.checkpoint folder of sharded
+    model and optimizer states), read without a process group."""
+    import tempfile
+
+    from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
+
+    with tempfile.TemporaryDirectory() as tmp:
+        dcp_to_torch_save(str(dcp_dir), f"{tmp}/state.pt")
+        saved = torch.load(f"{tmp}/state.pt", weights_only=False)
+    return {k: v.float() for k, v in saved["model"].items()}
+
+
 def is_checkpoint(folder: Path) -> bool:
     """A training checkpoint (complete or not), rather than a model folder."""
     return (folder / MANIFEST).is_file() or (folder / "state").is_dir()
@@ -169,10 +185,12 @@ def load_training_weights(checkpoint: Path):
         state = load_file(state_dir / "model.safetensors")
     elif list(state_dir.glob(f"{ZERO_TAG}/*_model_states.pt")):
         state = _zero_weights(state_dir)
+    elif (state_dir / DCP_DIR / ".metadata").is_file():
+        state = _fsdp_weights(state_dir / DCP_DIR)
     else:
-        raise UsageError(f"checkpoint {checkpoint} has neither state/model.safetensors nor "
-                         f"DeepSpeed state/{ZERO_TAG}/ files (FSDP states are not supported by "
-                         "this exporter)")
+        raise UsageError(f"checkpoint {checkpoint} has none of state/model.safetensors, "
+                         f"DeepSpeed state/{ZERO_TAG}/ or FSDP state/{DCP_DIR}/ (pass a "
+                         "complete checkpoint)")
     # a run with --torch_compile may have saved the compiled wrapper's names
     state = {k.removeprefix("_orig_mod."): v for k, v in state.items()}
     lora = (checkpoint / "adapter_config.json").is_file()

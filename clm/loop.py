@@ -17,7 +17,6 @@ from __future__ import annotations
 import functools
 import math
 import time
-from contextlib import nullcontext
 from dataclasses import dataclass
 
 import torch
@@ -25,7 +24,8 @@ import torch.nn.functional as F
 
 from .config import TrainingConfig
 from . import runtime
-from .runtime import dist_info, is_deepspeed
+from .backend import backend_of
+from .runtime import dist_info
 
 
 @dataclass
@@ -52,7 +52,7 @@ def make_optimizer(model, cfg: TrainingConfig, fused: bool = False) -> torch.opt
     """AdamW with weight decay on matrices only (not biases, LayerNorms).
 
     `fused` is decided by the caller from the device the parameters will live on
-    (`runtime.fused_optimizer`): the optimizer is built before `accelerator.prepare` moves them.
+    (the backend's `fused_optimizer`): the optimizer is built before `prepare` moves them.
     """
     params = [p for p in model.parameters() if p.requires_grad]
     decay = [p for p in params if p.dim() >= 2]
@@ -163,20 +163,11 @@ def forward_backward(model, micro_batches, accelerator) -> tuple[torch.Tensor, .
     else:
         scale = 1.0 / max(float(counts[0]), 1.0)
     total = torch.zeros((), dtype=torch.float64, device=device)
-    deepspeed = is_deepspeed(accelerator)
+    backend = backend_of(accelerator)
     for i, (batch, _, _) in enumerate(prepared):
-        last = i == len(prepared) - 1
-        if deepspeed:
-            # The engine would divide by its accumulation steps again, and Accelerate's wrapper
-            # would step it after every micro-batch; the loss is already normalised.
-            model.set_gradient_accumulation_boundary(last)
+        with backend.micro_batch(model, last=i == len(prepared) - 1):
             nll = token_nll(model, batch)
-            model.backward(nll * scale, scale_wrt_gas=False)
-        else:
-            # Only the last micro-batch all-reduces gradients across ranks.
-            with nullcontext() if last else accelerator.no_sync(model):
-                nll = token_nll(model, batch)
-                accelerator.backward(nll * scale)
+            backend.backward(model, nll * scale)
         total += nll.detach().double()
     return _all_reduce_sum(total), counts[0].to(device), counts[1].to(device)
 
@@ -305,44 +296,11 @@ class _Window:
 
 
 def _optimizer_step(accelerator, model, optimizer, cfg: TrainingConfig, nll, labels, tokens):
-    """Clip and step unless the loss or gradient is non-finite.
+    """Clip and step unless the loss or gradient is non-finite (the backend's way).
 
     Takes forward_backward's device tensors and reads them, with the gradient norm, in the one
     host sync of the step; returns (summed NLL, label tokens, input tokens, grad norm, stepped).
     """
-    if is_deepspeed(accelerator):
-        # The engine clips (gradient_clipping = --max_grad_norm), steps and zeroes the
-        # gradients itself; only its fp16 loss scaler skips overflowing steps, so under bf16/fp32
-        # a non-finite step is counted and --max_bad_steps stops the run, but not undone.
-        model.step()
-        norm = model.get_global_grad_norm()  # None where the engine did not compute one
-        nll, labels, tokens = torch.stack([nll, labels, tokens]).tolist()
-        loss = nll / max(labels, 1)
-        grad_norm = float("nan") if norm is None else float(norm)
-        finite = math.isfinite(loss) and (norm is None or math.isfinite(grad_norm))
-        return nll, int(labels), int(tokens), grad_norm, finite
-    norm = _clip(accelerator, model, cfg.max_grad_norm)
-    nll, labels, tokens, grad_norm = torch.stack(
-        [nll, labels, tokens, norm.to(nll.device, torch.float64)]).tolist()
-    loss = nll / max(labels, 1)
-    # Under fp16 the grad scaler skips overflowing steps itself; those are not bad steps.
-    finite = math.isfinite(loss) and (math.isfinite(grad_norm) or cfg.mixed_precision == "fp16")
-    if finite:
-        optimizer.step()
-    elif accelerator.scaler is not None:
-        # Skip the update (one bad batch must not poison the weights), but close the fp16
-        # scaler's step: the gradients were unscaled for the norm, and without update() the next
-        # step's unscale_ fails; update() also lowers the scale if the gradients overflowed.
-        accelerator.scaler.update()
-    optimizer.zero_grad(set_to_none=True)
-    return nll, int(labels), int(tokens), grad_norm, finite
-
-
-def _clip(accelerator, model, max_norm: float) -> torch.Tensor:
-    """The global gradient norm as a tensor (clipping to `max_norm` when it is > 0)."""
-    if max_norm > 0:
-        return torch.as_tensor(accelerator.clip_grad_norm_(model.parameters(), max_norm))
-    accelerator.unscale_gradients()  # fp16: the norm of the true gradients, not the scaled ones
-    norms = [p.grad.detach().float().norm() for p in model.parameters() if p.grad is not None]
-    return torch.stack(norms).norm() if norms else torch.zeros(())
-
+    return backend_of(accelerator).clip_and_step(model, optimizer, cfg.max_grad_norm,
+                                                 cfg.mixed_precision == "fp16", nll, labels,
+                                                 tokens)

@@ -204,12 +204,8 @@ def setup_of(train_cfg: TrainingConfig, block_size: int, num_gpus: int,
         optimizer, params = _offloads(zero)
         return Setup("deepspeed", int(zero.get("stage", 0)), optimizer,
                      params and int(zero.get("stage", 0)) == 3, **common)
-    fsdp = getattr(train_cfg, "fsdp", None)  # the option may not exist in this version
-    words = (" ".join(fsdp) if isinstance(fsdp, (list, tuple)) else str(fsdp or "")).split()
-    if words:
-        shard = 3 if "full_shard" in words else 2 if "shard_grad_op" in words else 0
-        offload = "offload" in words
-        return Setup("fsdp", shard, offload, offload and shard == 3, **common)
+    if train_cfg.fsdp or os.environ.get("ACCELERATE_USE_FSDP", "").lower() in ("1", "true"):
+        return Setup("fsdp", 3, False, False, **common)  # full_shard, the one mode supported
     return Setup("ddp", 0, False, False, **common)
 
 
@@ -415,7 +411,7 @@ def make_plan(data_cfg: DataConfig, model_cfg: ModelConfig, train_cfg: TrainingC
         num_gpus * peak * train_cfg.dry_run_mfu)
     fits = _fits(mem["total"], gpu_gib)
     ds = deepspeed_estimate(shape, s)
-    fsdp_available = hasattr(train_cfg, "fsdp")
+    fsdp_available = True
     gib = lambda x: round(x / GIB, 3)  # noqa: E731
     return {
         "model": shape.name, "params": shape.params, "non_embedding_params": shape.non_embedding,

@@ -135,21 +135,6 @@ def configure_cuda_math(cuda: bool) -> None:
         torch.backends.cudnn.allow_tf32 = True
 
 
-def fused_optimizer(accelerator) -> bool:
-    """Whether AdamW should be fused (one kernel over all parameters instead of a loop of small
-    ops): decided from the accelerator's device, since the optimizer is built before `prepare`
-    moves the model. CUDA and CPU have fused kernels; on a 2-core CPU the fused step of the tiny
-    preset takes 1.2 ms against 7 ms for the default (bench/train_throughput.py's setting).
-    Not under DeepSpeed unless its optimizer states stay on the GPU: ZeRO-Offload steps them
-    on the host with its own optimizer, and DeepSpeed on CPU is a test set-up."""
-    if is_deepspeed(accelerator):
-        if accelerator.device.type != "cuda":
-            return False
-        zero = accelerator.state.deepspeed_plugin.deepspeed_config.get("zero_optimization", {})
-        return zero.get("offload_optimizer", {}).get("device", "none") in ("none", None)
-    return accelerator.device.type in ("cuda", "cpu")
-
-
 _SDPA_BACKENDS: list | None = None  # chosen once per process by choose_attention()
 
 
@@ -232,12 +217,14 @@ def make_accelerator(cfg: TrainingConfig):
     # resolved in place, so that everything after (run_config.yaml included) sees the precision
     # the run really uses
     cfg.mixed_precision = resolve_mixed_precision(cfg.mixed_precision)
-    if _env_flag("ACCELERATE_USE_FSDP"):
-        # Not built: model folders and export would need FSDP's sharded state dicts, and
-        # Accelerate 1.15 on CPU silently trains unsynchronised copies instead (measured).
-        raise UsageError("FSDP is not supported yet (for sharded training use DeepSpeed ZeRO-3: "
-                         "accelerate_configs/deepspeed_zero3.yaml or --deepspeed "
-                         "ds_configs/zero3.json)")
+    # FSDP2 is applied by clm/backend.py itself (Accelerate 1.15's FSDP path on CPU silently
+    # trains unsynchronised copies, measured): an accelerate config asking for FSDP means
+    # --fsdp full_shard, and Accelerate is kept out of it
+    fsdp = bool(cfg.fsdp) or _env_flag("ACCELERATE_USE_FSDP")
+    os.environ.pop("ACCELERATE_USE_FSDP", None)
+    if fsdp and (cfg.deepspeed or _env_flag("ACCELERATE_USE_DEEPSPEED")):
+        raise UsageError("--fsdp and DeepSpeed both asked for (choose one: drop --fsdp, or "
+                         "--deepspeed / the DeepSpeed accelerate config)")
     cuda = torch.cuda.is_available()
     configure_cuda_math(cuda)
     ds_file = deepspeed_config_file(cfg)
@@ -264,6 +251,9 @@ def make_accelerator(cfg: TrainingConfig):
                          f"{accelerator.num_processes} of distributed type "
                          f"{accelerator.distributed_type.value} (launch with torchrun or "
                          "accelerate launch using a multi-process config)")
+    from .backend import select
+
+    select(accelerator, fsdp=fsdp, mixed_precision=cfg.mixed_precision)
     return accelerator
 
 
@@ -272,24 +262,9 @@ def describe(accelerator) -> dict:
     info = {"type": accelerator.distributed_type.value,
             "accelerate_num_processes": accelerator.num_processes,
             "torch_world_size": dist_info()[1], "backend": accelerator.state.backend}
-    if is_deepspeed(accelerator):
-        info["zero_stage"] = zero_stage(accelerator)
-        info["deepspeed_config"] = accelerator.state.deepspeed_plugin.deepspeed_config
-    return info
+    from .backend import backend_of
 
-
-def is_deepspeed(accelerator) -> bool:
-    from accelerate.utils import DistributedType
-
-    return accelerator.distributed_type == DistributedType.DEEPSPEED
-
-
-def zero_stage(accelerator) -> int:
-    """The ZeRO stage of a DeepSpeed run (0 without DeepSpeed)."""
-    if not is_deepspeed(accelerator):
-        return 0
-    return int(accelerator.state.deepspeed_plugin.deepspeed_config
-               .get("zero_optimization", {}).get("stage", 0))
+    return {**info, **backend_of(accelerator).describe()}
 
 
 class StopRequest:

@@ -12,6 +12,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from . import checkpoint as ckpt, hub, loop, model as models, outputs, runtime
+from .backend import backend_of
 from .config import TrainingConfig
 from .metrics import MetricsLogger, flat_config, wandb_run_id
 
@@ -46,7 +47,10 @@ def run_training(accelerator, train_cfg: TrainingConfig, model, tokenizer, batch
     out = Path(train_cfg.output_dir)
     run["name"] = train_cfg.run_name or out.resolve().name
     fpt = models.flops_per_token(model, seq_len)
-    optimizer = loop.make_optimizer(model, train_cfg, fused=runtime.fused_optimizer(accelerator))
+    backend = backend_of(accelerator)
+    make_optimizer = lambda m: loop.make_optimizer(m, train_cfg,  # noqa: E731
+                                                   fused=backend.fused_optimizer())
+    optimizer = make_optimizer(model)
     runtime.choose_attention(accelerator.device, train_cfg.mixed_precision,
                              model.config._attn_implementation,
                              model.config.hidden_size // model.config.num_attention_heads)
@@ -55,11 +59,11 @@ def run_training(accelerator, train_cfg: TrainingConfig, model, tokenizer, batch
         # so a checkpoint resumes with or without --torch_compile
         model.compile()
     loop.compile_loss(train_cfg.torch_compile)
-    model, optimizer = accelerator.prepare(model, optimizer)
+    model, optimizer = backend.prepare(model, optimizer, make_optimizer)
     run["distributed"] = runtime.describe(accelerator)
     state, tracker_id = loop.LoopState(), None
     if resume:
-        saved = ckpt.load_checkpoint(accelerator, resume, batches)
+        saved = ckpt.load_checkpoint(accelerator, model, optimizer, resume, batches)
         state, tracker_id = loop.LoopState(**saved["loop"]), saved.get("tracker_id")
         if accelerator.is_main_process:
             outputs.continue_run(out, ckpt.home_of(resume), state.step)
@@ -90,7 +94,7 @@ def run_training(accelerator, train_cfg: TrainingConfig, model, tokenizer, batch
 
     def save(st):
         path = ckpt.save_checkpoint(
-            accelerator, model, tokenizer, batches, st,
+            accelerator, model, optimizer, tokenizer, batches, st,
             {"fingerprint": fingerprint, "tracker_id": tracker_id, "run_config": run}, out,
             train_cfg.save_total_limit, keep=pusher.busy() if pusher else ())
         if pusher and train_cfg.hub_strategy == "every_save":
@@ -135,7 +139,7 @@ def _train_and_finish(accelerator, train_cfg, model, optimizer, tokenizer, batch
                    ((evals[0], evals[-1]) if evals else ({}, {}))]
     run.update(final_eval_loss=last.get("eval_loss"), first_eval_loss=first.get("eval_loss"),
                final_eval=last, first_eval=first)
-    final_model = ckpt.full_model(accelerator, model)  # collective under ZeRO-3
+    final_model = ckpt.full_model(accelerator, model)  # collective where sharded
     if accelerator.is_main_process:
         if finalize is not None:
             final_model = finalize(final_model, out)

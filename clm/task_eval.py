@@ -173,10 +173,10 @@ def make_eval(cfg: GenerationEvalConfig, tokenizer, records: list[dict], block_s
     check_samples(samples, cfg, block_size)
 
     def run(model, accelerator) -> dict:
-        from .runtime import zero_stage
+        from .backend import backend_of
 
         inner = accelerator.unwrap_model(model)
         return generation_scores(inner, tokenizer, samples, metrics, cfg.eval_max_new_tokens,
                                  batch_size, accelerator.device, accelerator.autocast,
-                                 synced=zero_stage(accelerator) == 3 and dist_info()[1] > 1)
+                                 synced=backend_of(accelerator).synced_generation())
     return run

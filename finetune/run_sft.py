@@ -31,6 +31,7 @@ def main(data_cfg: SFTDataConfig, model_cfg: ModelConfig, train_cfg: TrainingCon
 
     from clm import checkpoint as ckpt, data, model as models, outputs, runtime, session, sft
     from clm import task_eval
+    from clm.backend import backend_of
 
     # --- check everything the user gave us before any work
     resume = session.check_output(train_cfg)
@@ -55,9 +56,9 @@ def main(data_cfg: SFTDataConfig, model_cfg: ModelConfig, train_cfg: TrainingCon
     batch = train_cfg.per_device_train_batch_size
     batches = sft.ExampleLoader(examples, batch, pad, train_cfg.seed, rank, world,
                                 packing_block_size=data_cfg.block_size if data_cfg.packing else None)
-    if lora.use_peft and runtime.zero_stage(accelerator) == 3:
-        raise UsageError("--use_peft with ZeRO-3 is not supported (use ds_configs/zero2.json: "
-                         "the adapters are small)")
+    if lora.use_peft and backend_of(accelerator).shards_parameters:
+        raise UsageError("--use_peft with ZeRO-3 or FSDP is not supported (use "
+                         "ds_configs/zero2.json or DDP: the adapters are small)")
     sft.check_lora_targets(model_cfg.model_name_or_path, lora)
     set_seed(train_cfg.seed)
     model = models.build_model(model_cfg, tokenizer, data_cfg.block_size)

@@ -213,11 +213,6 @@ def test_zero2_one_process_launched_like_accelerate_matches_plain_run(
     torch.testing.assert_close(logits(exported, ids), logits(z2, ids), rtol=0, atol=0)
 
 
-def test_fsdp_is_refused_with_a_pointer_to_zero3(monkeypatch):
-    monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")
-    with pytest.raises(UsageError, match="FSDP is not supported yet .*deepspeed_zero3.yaml"):
-        runtime.make_accelerator(TrainingConfig(output_dir="x"))
-
 
 def test_zero2_bf16_folders_hold_the_fp32_masters_export_rebuilds(
         tmp_path, corpus_dir, tokenizer_dir, toy_config_dir):

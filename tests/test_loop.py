@@ -111,20 +111,22 @@ def test_packed_batches_reach_sdpa_unmasked_and_causal(monkeypatch):
 def test_fused_adamw_is_chosen_for_cuda_and_cpu_before_prepare():
     from accelerate.utils import DistributedType
 
-    def accel(device, kind=DistributedType.NO, ds=None):
-        plugin = SimpleNamespace(deepspeed_config=ds or {})
-        return SimpleNamespace(device=torch.device(device), distributed_type=kind,
-                               state=SimpleNamespace(deepspeed_plugin=plugin))
+    from clm.backend import select
 
-    assert runtime.fused_optimizer(accel("cuda")) is True
-    assert runtime.fused_optimizer(accel("cuda", DistributedType.MULTI_GPU)) is True
-    assert runtime.fused_optimizer(accel("cpu")) is True  # torch has a fused CPU kernel
-    assert runtime.fused_optimizer(accel("cpu", DistributedType.DEEPSPEED)) is False
-    assert runtime.fused_optimizer(accel("mps")) is False
-    assert runtime.fused_optimizer(accel("cuda", DistributedType.DEEPSPEED,
-                                         {"zero_optimization": {"stage": 2}})) is True
+    def fused(device, kind=DistributedType.NO, ds=None):
+        plugin = SimpleNamespace(deepspeed_config=ds or {})
+        accel = SimpleNamespace(device=torch.device(device), distributed_type=kind,
+                                state=SimpleNamespace(deepspeed_plugin=plugin))
+        return select(accel).fused_optimizer()
+
+    assert fused("cuda") is True
+    assert fused("cuda", DistributedType.MULTI_GPU) is True
+    assert fused("cpu") is True  # torch has a fused CPU kernel
+    assert fused("cpu", DistributedType.DEEPSPEED) is False
+    assert fused("mps") is False
+    assert fused("cuda", DistributedType.DEEPSPEED, {"zero_optimization": {"stage": 2}}) is True
     offload = {"zero_optimization": {"stage": 3, "offload_optimizer": {"device": "cpu"}}}
-    assert runtime.fused_optimizer(accel("cuda", DistributedType.DEEPSPEED, offload)) is False
+    assert fused("cuda", DistributedType.DEEPSPEED, offload) is False
     # the parameters are still on the CPU when the optimizer is built: the flag is kept
     opt = loop.make_optimizer(toy_model(), TrainingConfig(output_dir="x"), fused=True)
     assert opt.defaults["fused"] is True

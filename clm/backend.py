@@ -1,0 +1,314 @@
+"""Distributed backends behind one interface: DDP (and a single process), DeepSpeed ZeRO, FSDP2.
+
+    torchrun --standalone --nproc_per_node 2 train_clm.py --config configs/demo_cpu.yaml --fsdp full_shard --output_dir outputs/fsdp
+
+The loop, checkpoints, outputs and export ask the run's backend (`backend_of(accelerator)`,
+chosen once in `runtime.make_accelerator`) to prepare the model, run a micro-batch's backward,
+clip and step, gather the full model for the HF folder, and save or load the training state;
+none of them asks which backend it is. What differs:
+
+- DDP: Accelerate wraps the model; gradients are all-reduced on the last micro-batch only.
+- DeepSpeed: the engine owns clipping, stepping and the accumulation boundary (set by us, with
+  the already token-normalised loss); the HF folders get the optimizer's fp32 masters.
+- FSDP2: `torch.distributed.fsdp.fully_shard` on each transformer block, then on the model
+  (applied here rather than through Accelerate, so the CPU tests under torchrun/gloo run the
+  same code as GPUs); parameters are DTensors sharded over the ranks, `MixedPrecisionPolicy`
+  computes in bf16/fp16 with fp32 masters and fp32 gradient reduction; the training state is a
+  `torch.distributed.checkpoint` folder (`state/dcp/`), which loads on any number of ranks.
+"""
+
+from __future__ import annotations
+
+import math
+from contextlib import nullcontext
+from pathlib import Path
+
+import torch
+
+from .runtime import dist_info
+
+DCP_DIR = "dcp"  # FSDP2's sharded training state, under a checkpoint's state/
+
+
+class DDPBackend:
+    """One process, or DDP through Accelerate (also what MULTI_CPU under torchrun is)."""
+
+    name = "ddp"
+    shards_parameters = False  # every rank holds every weight
+
+    def __init__(self, accelerator):
+        self.accelerator = accelerator
+
+    def fused_optimizer(self) -> bool:
+        """Whether AdamW should be fused (one kernel over all parameters instead of a loop of
+        small ops), decided from the device, since the optimizer is built before `prepare`
+        moves the model. CUDA and CPU have fused kernels (tiny preset on 2 CPU cores: 1.2 ms a
+        step against 7 ms for the default)."""
+        return self.accelerator.device.type in ("cuda", "cpu")
+
+    def prepare(self, model, optimizer, make_optimizer=None):
+        return self.accelerator.prepare(model, optimizer)
+
+    def micro_batch(self, model, last: bool):
+        # only the last micro-batch of a step all-reduces gradients across ranks
+        return nullcontext() if last else self.accelerator.no_sync(model)
+
+    def backward(self, model, loss: torch.Tensor) -> None:
+        self.accelerator.backward(loss)
+
+    def clip_and_step(self, model, optimizer, max_norm: float, fp16: bool, nll, labels, tokens):
+        """Clip and step unless the loss or gradient is non-finite; one host sync.
+
+        Returns (summed NLL, label tokens, input tokens, grad norm, stepped)."""
+        norm = self._norm(model, max_norm)
+        nll, labels, tokens, grad_norm = torch.stack(
+            [nll, labels, tokens, norm.to(nll.device, torch.float64)]).tolist()
+        loss = nll / max(labels, 1)
+        # Under fp16 the grad scaler skips overflowing steps itself; those are not bad steps.
+        finite = math.isfinite(loss) and (math.isfinite(grad_norm) or fp16)
+        if finite:
+            optimizer.step()
+        elif self.accelerator.scaler is not None:
+            # Skip the update (one bad batch must not poison the weights), but close the fp16
+            # scaler's step: the gradients were unscaled for the norm, and without update() the
+            # next step's unscale_ fails; update() also lowers the scale after an overflow.
+            self.accelerator.scaler.update()
+        optimizer.zero_grad(set_to_none=True)
+        return nll, int(labels), int(tokens), grad_norm, finite
+
+    def _norm(self, model, max_norm: float) -> torch.Tensor:
+        """The global gradient norm as a tensor (clipping to `max_norm` when it is > 0)."""
+        if max_norm > 0:
+            return torch.as_tensor(self.accelerator.clip_grad_norm_(model.parameters(),
+                                                                    max_norm))
+        self.accelerator.unscale_gradients()  # fp16: the true gradients' norm, not the scaled
+        norms = [p.grad.detach().float().norm() for p in model.parameters() if p.grad is not None]
+        return torch.stack(norms).norm() if norms else torch.zeros(())
+
+    def full_model(self, model):
+        """The plain model with every weight, on the main process (None on the others);
+        every rank must call it."""
+        inner = self.accelerator.unwrap_model(model)
+        return inner if self.accelerator.is_main_process else None
+
+    def save_state(self, model, optimizer, state_dir: Path) -> None:
+        self.accelerator.save_state(str(state_dir), safe_serialization=True)
+
+    def load_state(self, model, optimizer, state_dir: Path) -> None:
+        self.accelerator.load_state(str(state_dir))
+
+    def synced_generation(self) -> bool:
+        """Whether generating needs every rank in lockstep (weights gathered per forward)."""
+        return False
+
+    def describe(self) -> dict:
+        return {}
+
+
+class DeepSpeedBackend(DDPBackend):
+    """DeepSpeed ZeRO-1/2/3 through Accelerate's DeepSpeed plugin."""
+
+    name = "deepspeed"
+
+    def __init__(self, accelerator):
+        super().__init__(accelerator)
+        self.config = accelerator.state.deepspeed_plugin.deepspeed_config
+        self.stage = int(self.config.get("zero_optimization", {}).get("stage", 0))
+        self.shards_parameters = self.stage == 3
+
+    def fused_optimizer(self) -> bool:
+        # Only with the optimizer states on the GPU: ZeRO-Offload steps them on the host with
+        # its own optimizer, and DeepSpeed on CPU is a test set-up.
+        if self.accelerator.device.type != "cuda":
+            return False
+        offload = self.config.get("zero_optimization", {}).get("offload_optimizer", {})
+        return offload.get("device", "none") in ("none", None)
+
+    def micro_batch(self, model, last: bool):
+        # The engine would divide by its accumulation steps again, and Accelerate's wrapper
+        # would step it after every micro-batch: the boundary is ours, the loss already
+        # normalised.
+        model.set_gradient_accumulation_boundary(last)
+        return nullcontext()
+
+    def backward(self, model, loss: torch.Tensor) -> None:
+        model.backward(loss, scale_wrt_gas=False)
+
+    def clip_and_step(self, model, optimizer, max_norm: float, fp16: bool, nll, labels, tokens):
+        # The engine clips (gradient_clipping = --max_grad_norm), steps and zeroes the gradients
+        # itself; only its fp16 loss scaler skips overflowing steps, so under bf16/fp32 a
+        # non-finite step is counted and --max_bad_steps stops the run, but not undone.
+        model.step()
+        norm = model.get_global_grad_norm()  # None where the engine did not compute one
+        nll, labels, tokens = torch.stack([nll, labels, tokens]).tolist()
+        loss = nll / max(labels, 1)
+        grad_norm = float("nan") if norm is None else float(norm)
+        finite = math.isfinite(loss) and (norm is None or math.isfinite(grad_norm))
+        return nll, int(labels), int(tokens), grad_norm, finite
+
+    def full_model(self, model):
+        """Every weight as the optimizer's fp32 master, gathered from the ranks' partitions
+        (under bf16/fp16 the engine's module holds 16-bit copies, and under ZeRO-3 only a
+        slice of each), loaded into a fresh fp32 copy on the main process."""
+        inner = self.accelerator.unwrap_model(model)
+        state = _fp32_masters(inner)
+        if state is None:  # an engine without fp32 masters to read: its (gathered) weights
+            if self.stage != 3:
+                return inner if self.accelerator.is_main_process else None
+            state = self.accelerator.get_state_dict(model)
+        if not self.accelerator.is_main_process:
+            return None
+        return _plain_copy(type(inner), inner, state)
+
+    def synced_generation(self) -> bool:
+        return self.stage == 3 and dist_info()[1] > 1
+
+    def describe(self) -> dict:
+        return {"zero_stage": self.stage, "deepspeed_config": self.config}
+
+
+class FSDPBackend(DDPBackend):
+    """FSDP2 (`fully_shard`): each transformer block its own shard group, then the model."""
+
+    name = "fsdp"
+    shards_parameters = True
+
+    def __init__(self, accelerator, mixed_precision: str = "no"):
+        super().__init__(accelerator)
+        self.mixed_precision = mixed_precision
+        self.model_class = None
+
+    def prepare(self, model, optimizer, make_optimizer=None):
+        """Shard `model` in place and build the optimizer again over its sharded parameters
+        (`make_optimizer(model)`): the one given holds the unsharded ones."""
+        from torch.distributed.device_mesh import init_device_mesh
+        from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+        if make_optimizer is None:
+            raise ValueError("FSDP builds the optimizer after sharding: pass make_optimizer")
+        device = self.accelerator.device
+        model.to(device)
+        self.model_class = type(model)
+        mesh = init_device_mesh(device.type, (dist_info()[1],))
+        dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(self.mixed_precision)
+        policy = MixedPrecisionPolicy(param_dtype=dtype, reduce_dtype=torch.float32) if dtype \
+            else MixedPrecisionPolicy()
+        for block in transformer_blocks(model):
+            fully_shard(block, mesh=mesh, mp_policy=policy)
+        fully_shard(model, mesh=mesh, mp_policy=policy)
+        return model, make_optimizer(model)
+
+    def micro_batch(self, model, last: bool):
+        # gradients are reduce-scattered on the last micro-batch only
+        model.set_requires_gradient_sync(last)
+        return nullcontext()
+
+    def backward(self, model, loss: torch.Tensor) -> None:
+        loss.backward()
+
+    def _norm(self, model, max_norm: float) -> torch.Tensor:
+        # the gradients are DTensor shards: the norm is reduced over the ranks, then clipped
+        norm = torch.nn.utils.clip_grad_norm_(model.parameters(),
+                                              max_norm if max_norm > 0 else float("inf"))
+        return norm.full_tensor() if hasattr(norm, "full_tensor") else norm
+
+    def full_model(self, model):
+        """Every weight gathered in full (collective), loaded into a plain copy on the main
+        process."""
+        from torch.distributed.checkpoint.state_dict import (StateDictOptions,
+                                                             get_model_state_dict)
+
+        state = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True,
+                                                                     cpu_offload=True))
+        if not self.accelerator.is_main_process:
+            return None
+        return _plain_copy(self.model_class or type(model), model, state)
+
+    def save_state(self, model, optimizer, state_dir: Path) -> None:
+        """RNG states through Accelerate (no model registered with it), model and optimizer as
+        one torch.distributed.checkpoint folder, each rank writing its shards."""
+        import torch.distributed.checkpoint as dcp
+        from torch.distributed.checkpoint.state_dict import get_state_dict
+
+        self.accelerator.save_state(str(state_dir), safe_serialization=True)
+        model_state, optim_state = get_state_dict(model, optimizer)
+        dcp.save({"model": model_state, "optim": optim_state},
+                 checkpoint_id=str(Path(state_dir) / DCP_DIR))
+
+    def load_state(self, model, optimizer, state_dir: Path) -> None:
+        """Loads on any number of ranks: torch.distributed.checkpoint reshards as it reads."""
+        import torch.distributed.checkpoint as dcp
+        from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+
+        self.accelerator.load_state(str(state_dir))
+        model_state, optim_state = get_state_dict(model, optimizer)
+        state = {"model": model_state, "optim": optim_state}
+        dcp.load(state, checkpoint_id=str(Path(state_dir) / DCP_DIR))
+        set_state_dict(model, optimizer, model_state_dict=state["model"],
+                       optim_state_dict=state["optim"])
+
+    def synced_generation(self) -> bool:
+        return dist_info()[1] > 1
+
+    def describe(self) -> dict:
+        return {"fsdp": "full_shard", "fsdp_version": 2,
+                "fsdp_mixed_precision": self.mixed_precision}
+
+
+def transformer_blocks(model) -> list:
+    """The repeated blocks to shard one by one: the model's `_no_split_modules` classes
+    (GPT2Block for GPT-2), found anywhere in it (under a peft wrapper too)."""
+    names = set(getattr(model, "_no_split_modules", None) or [])
+    inner = getattr(model, "base_model", model)
+    names |= set(getattr(getattr(inner, "model", inner), "_no_split_modules", None) or [])
+    blocks = [m for m in model.modules() if type(m).__name__ in names]
+    if not blocks:
+        raise ValueError(f"{type(model).__name__} names no transformer block class to shard "
+                         "(_no_split_modules)")
+    return blocks
+
+
+def _fp32_masters(inner) -> dict | None:
+    """Under DeepSpeed, every weight as the optimizer's fp32 master copy, gathered from the
+    ranks' partitions (collective: every rank calls it). None where the engine keeps none."""
+    from deepspeed.utils import safe_get_full_fp32_param
+
+    state = {}
+    for name, param in inner.named_parameters():
+        full = safe_get_full_fp32_param(param)
+        if full is None:
+            return None
+        state[name] = full.detach().float().cpu()
+    return state
+
+
+def _plain_copy(cls, inner, state: dict):
+    """A fresh fp32 `cls` of `inner`'s config holding `state` (tied weights re-tied)."""
+    plain = cls(inner.config)
+    missing, unexpected = plain.load_state_dict(state, strict=False)
+    tied = {"lm_head.weight"} if inner.config.tie_word_embeddings else set()
+    if set(missing) - tied or unexpected:
+        raise RuntimeError(f"gathered weights do not match the model: missing "
+                           f"{sorted(set(missing) - tied)}, unexpected {sorted(unexpected)}")
+    plain.tie_weights()
+    plain.generation_config = inner.generation_config
+    return plain
+
+
+def select(accelerator, fsdp: bool = False, mixed_precision: str = "no"):
+    """The run's backend, decided here once and kept on the accelerator."""
+    from accelerate.utils import DistributedType
+
+    if fsdp:
+        backend = FSDPBackend(accelerator, mixed_precision)
+    elif accelerator.distributed_type == DistributedType.DEEPSPEED:
+        backend = DeepSpeedBackend(accelerator)
+    else:
+        backend = DDPBackend(accelerator)
+    accelerator.clm_backend = backend
+    return backend
+
+
+def backend_of(accelerator):
+    """The backend `select` chose for this accelerator (chosen now for one made elsewhere)."""
+    return getattr(accelerator, "clm_backend", None) or select(accelerator)

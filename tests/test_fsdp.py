@@ -1,0 +1,105 @@
+"""FSDP2 (`--fsdp full_shard`) over two CPU processes (torchrun, gloo): the same losses as DDP,
+sharded checkpoints with exact resume, the HF folder gathered in full, export from the state."""
+
+import json
+import shutil
+import subprocess
+import sys
+
+import pytest
+import torch
+import yaml
+from safetensors.torch import load_file
+from transformers import AutoModelForCausalLM
+
+from clm import export, runtime
+from clm.backend import FSDPBackend, backend_of
+from clm.config import TrainingConfig, UsageError
+from helpers import ROOT, assert_same_records, assert_same_training, metrics, toy_args
+
+TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
+
+
+def launch(tmp_path, args):
+    proc = subprocess.run([*TORCHRUN, str(ROOT / "train_clm.py"), *args], cwd=tmp_path,
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    return proc
+
+
+def logits(folder, ids):
+    model = AutoModelForCausalLM.from_pretrained(folder).eval()
+    with torch.no_grad():
+        return model(ids).logits
+
+
+def test_fsdp_two_processes_match_ddp_resume_and_export(tmp_path, corpus_dir, tokenizer_dir,
+                                                        toy_config_dir):
+    kw = dict(max_steps=4, eval_steps=2, save_steps=2, gradient_accumulation_steps=2,
+              num_samples=1)
+    outs = {}
+    for name, extra in (("fsdp", ["--fsdp", "full_shard"]), ("ddp", [])):
+        outs[name] = tmp_path / name
+        launch(tmp_path, toy_args(corpus_dir, tokenizer_dir, toy_config_dir, outs[name], **kw)
+               + extra)
+    fsdp, ddp = outs["fsdp"], outs["ddp"]
+    dist = yaml.safe_load((fsdp / "run_config.yaml").read_text())["distributed"]
+    assert dist["fsdp"] == "full_shard" and dist["fsdp_version"] == 2
+    assert dist["accelerate_num_processes"] == 2 and dist["torch_world_size"] == 2
+    # the same global batches, so the same losses and gradient norms as DDP
+    a = [r for r in metrics(fsdp) if "loss" in r]
+    b = [r for r in metrics(ddp) if "loss" in r]
+    assert [r["step"] for r in a] == [1, 2, 3, 4]
+    assert [r["tokens"] for r in a] == [r["tokens"] for r in b] and a[-1]["tokens"] == 4 * 2 * 2 * 4 * 32
+    assert [r["loss"] for r in a] == pytest.approx([r["loss"] for r in b], rel=1e-5)
+    assert [r["grad_norm"] for r in a] == pytest.approx([r["grad_norm"] for r in b], rel=1e-4)
+    assert [r["eval_loss"] for r in metrics(fsdp) if "eval_loss" in r] == pytest.approx(
+        [r["eval_loss"] for r in metrics(ddp) if "eval_loss" in r], rel=1e-5)
+    ckpt = fsdp / "checkpoints" / "step-4"
+    states = [json.loads((ckpt / "state" / f"data_rank{r}.json").read_text()) for r in (0, 1)]
+    assert states[0] != states[1], "each rank has its own place in its own shard"
+    shards = sorted(p.name for p in (ckpt / "state" / "dcp").iterdir())
+    assert ".metadata" in shards and len([s for s in shards if s.endswith(".distcp")]) == 2
+    # the HF folders hold every weight, gathered in full (AdamW steps: DDP's within rounding)
+    final, ref = load_file(fsdp / "model.safetensors"), load_file(ddp / "model.safetensors")
+    assert final.keys() == ref.keys()
+    for key, value in ref.items():
+        torch.testing.assert_close(final[key], value, rtol=1e-4, atol=1e-5)
+
+    # export reads the sharded state without a process group: the final folder's weights
+    exported = export.export(ckpt, tmp_path / "exported")
+    ids = torch.randint(0, 300, (2, 16), generator=torch.Generator().manual_seed(0))
+    torch.testing.assert_close(logits(exported, ids), logits(fsdp, ids), rtol=0, atol=0)
+    torch.testing.assert_close(logits(exported, ids), logits(ckpt, ids), rtol=0, atol=0)
+
+    # exact resume from the step-2 shards
+    resumed = tmp_path / "resumed"
+    shutil.copytree(fsdp, resumed)
+    shutil.rmtree(resumed / "checkpoints" / "step-4")
+    proc = launch(tmp_path, toy_args(corpus_dir, tokenizer_dir, toy_config_dir, resumed, **kw)
+                  + ["--fsdp", "full_shard", "--resume_from_checkpoint", "latest"])
+    assert "resumed from" in proc.stdout and "at step 2" in proc.stdout
+    assert_same_records(metrics(resumed), metrics(fsdp))
+    assert_same_training(resumed, fsdp, max_steps=4, warmup_steps=2, learning_rate=3e-3,
+                         min_lr=3e-4)
+
+
+def test_accelerate_fsdp_config_selects_fsdp2_and_keeps_accelerate_out(monkeypatch):
+    from accelerate.commands.config.config_args import load_config_from_file
+
+    config = load_config_from_file(str(ROOT / "accelerate_configs" / "fsdp.yaml"))
+    assert config.distributed_type.value == "FSDP" and config.fsdp_config["fsdp_version"] == 2
+    monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")  # what `accelerate launch` exports
+    accelerator = runtime.make_accelerator(TrainingConfig(output_dir="x"))
+    assert isinstance(backend_of(accelerator), FSDPBackend)
+    assert accelerator.distributed_type.value != "FSDP", "Accelerate does not wrap it again"
+
+
+@pytest.mark.parametrize("kw, message", [
+    ({"fsdp": "shard_grad_op"}, "unknown --fsdp 'shard_grad_op'"),
+    ({"fsdp": "full_shard", "deepspeed": str(ROOT / "ds_configs" / "zero3.json")},
+     "--fsdp and --deepspeed both given"),
+])
+def test_bad_fsdp_options_are_one_line_errors(kw, message):
+    with pytest.raises(UsageError, match=message):
+        TrainingConfig(output_dir="x", **kw)
