@@ -44,121 +44,169 @@ def run_training(accelerator, train_cfg: TrainingConfig, model, tokenizer, batch
     `finalize(model, output_dir)`, on the main process, turns the trained model into the one
     the final folder holds (finetuning merges LoRA adapters there); `extra_evals`, functions
     `(model, accelerator) -> {"eval_<metric>": ..}`, run beside the held-out loss."""
-    out = Path(train_cfg.output_dir)
-    run["name"] = train_cfg.run_name or out.resolve().name
-    fpt = models.flops_per_token(model, seq_len)
-    backend = backend_of(accelerator)
-    make_optimizer = lambda m: loop.make_optimizer(m, train_cfg,  # noqa: E731
-                                                   fused=backend.fused_optimizer())
-    optimizer = make_optimizer(model)
-    runtime.choose_attention(accelerator.device, train_cfg.mixed_precision,
-                             model.config._attn_implementation,
-                             model.config.hidden_size // model.config.num_attention_heads)
-    if train_cfg.torch_compile:
-        # in place, not a wrapper: saved state keeps the model's own names (no `_orig_mod.`),
-        # so a checkpoint resumes with or without --torch_compile
-        model.compile()
-    loop.compile_loss(train_cfg.torch_compile)
-    model, optimizer = backend.prepare(model, optimizer, make_optimizer)
-    run["distributed"] = runtime.describe(accelerator)
-    state, tracker_id = loop.LoopState(), None
-    if resume:
-        saved = ckpt.load_checkpoint(accelerator, model, optimizer, resume, batches)
-        state, tracker_id = loop.LoopState(**saved["loop"]), saved.get("tracker_id")
-        if accelerator.is_main_process:
-            outputs.continue_run(out, ckpt.home_of(resume), state.step)
-            ckpt.clean_leftovers(out)
-            ckpt.set_aside_newer(out, state.step)  # a roll-back starts a new future
-            print(f"resumed from {resume} at step {state.step} ({state.tokens:,} tokens)")
-    elif accelerator.is_main_process:
-        out.mkdir(parents=True, exist_ok=True)
-        outputs.clear_run_files(train_cfg.output_dir)
-    if accelerator.is_main_process:
-        outputs.write_yaml(out / "run_config.yaml", run)
-    wandb_kwargs = {"name": run["name"], "dir": str(out)}
-    if tracker_id:  # the same wandb run continues
-        wandb_kwargs.update(id=tracker_id, resume="allow")
-    accelerator.init_trackers(run["name"], config=flat_config(run),
-                              init_kwargs={"wandb": wandb_kwargs})
-    tracker_id = tracker_id or wandb_run_id(accelerator)
-    logger = MetricsLogger(out, accelerator, train_cfg.max_steps, start_step=state.step)
-
-    def evaluate() -> dict:
-        loss = loop.evaluate(model, heldout, train_cfg.per_device_eval_batch_size, accelerator)
-        results = {"eval_loss": loss} if loss is not None else {}
-        for fn in extra_evals:
-            results.update(fn(model, accelerator))
-        return results
-    pusher = hub.HubPusher(train_cfg.hub_model_id, train_cfg.hub_private_repo) \
-        if train_cfg.push_to_hub and accelerator.is_main_process else None
-
-    def save(st):
-        path = ckpt.save_checkpoint(
-            accelerator, model, optimizer, tokenizer, batches, st,
-            {"fingerprint": fingerprint, "tracker_id": tracker_id, "run_config": run}, out,
-            train_cfg.save_total_limit, keep=pusher.busy() if pusher else ())
-        if pusher and train_cfg.hub_strategy == "every_save":
-            pusher.push(path, f"step-{st.step}", f"checkpoint at step {st.step}")
-    if (heldout is not None or extra_evals) and not resume:  # the untrained baseline
-        logger.log_eval(0, 0, evaluate())
-
+    session = Session(accelerator, train_cfg, tokenizer, batches, heldout, run, fingerprint,
+                      finalize, extra_evals)
+    session.prepare(model, seq_len)
+    session.start_or_resume(resume)
+    session.start_trackers()
+    if session.evaluates and not resume:  # the untrained baseline, as nanoGPT users expect
+        session.logger.log_eval(0, 0, session.evaluate())
     try:
-        return _train_and_finish(accelerator, train_cfg, model, optimizer, tokenizer, batches,
-                                 state, logger, evaluate, save, run, out, fpt, pusher, finalize)
+        stop = session.train()
+        return session.stopped(stop) if stop else session.finish()
     finally:  # on every way out, errors included: what was queued is pushed or reported
-        if pusher:
-            pusher.finish_and_report(timeout=120)
+        if session.pusher:
+            session.pusher.finish_and_report(timeout=120)
 
 
-def _train_and_finish(accelerator, train_cfg, model, optimizer, tokenizer, batches, state,
-                      logger, evaluate, save, run, out, fpt, pusher, finalize) -> dict:
-    # --- train until done or told to stop
-    with runtime.StopRequest() as stop:
-        try:
-            loop.train(train_cfg, accelerator, model, optimizer, batches, state, logger,
-                       evaluate, save_fn=save, stop=stop, flops_per_token=fpt,
-                       peak_flops=models.peak_flops(accelerator.device))
-        finally:  # end the progress bar's line, so an error prints on a line of its own
-            logger.close()
-    run.update(step=state.step, tokens=state.tokens, elapsed_s=state.elapsed_s,
-               skipped_steps=state.skipped)
-    if stop.signal_name:
-        if accelerator.is_main_process:
-            print(f"stopped by {stop.signal_name} at step {state.step}: checkpoint saved in "
-                  f"{ckpt.checkpoint_root(out)}/step-{state.step}. To continue, run the same "
-                  "command with --resume_from_checkpoint latest")
-        accelerator.end_training()
-        runtime.close_distributed()
-        return {**run, "stopped": stop.signal_name}
+class Session:
+    """The pieces of one run and its steps, in the order run_training calls them."""
 
-    # --- outputs
-    accelerator.wait_for_everyone()
-    evals = [r for r in outputs.read_metrics(out) if any(k.startswith("eval_") for k in r)] \
-        if accelerator.is_main_process else []
-    first, last = [{k: v for k, v in r.items() if k.startswith("eval_")} for r in
-                   ((evals[0], evals[-1]) if evals else ({}, {}))]
-    run.update(final_eval_loss=last.get("eval_loss"), first_eval_loss=first.get("eval_loss"),
-               final_eval=last, first_eval=first)
-    final_model = ckpt.full_model(accelerator, model)  # collective where sharded
-    if accelerator.is_main_process:
-        if finalize is not None:
-            final_model = finalize(final_model, out)
-        samples = outputs.finish_run(train_cfg.output_dir, final_model, tokenizer, run,
-                                     train_cfg)
+    def __init__(self, accelerator, train_cfg: TrainingConfig, tokenizer, batches, heldout,
+                 run: dict, fingerprint: dict, finalize=None, extra_evals=()):
+        self.accelerator, self.cfg, self.tokenizer = accelerator, train_cfg, tokenizer
+        self.batches, self.heldout, self.run, self.fingerprint = batches, heldout, run, fingerprint
+        self.finalize, self.extra_evals = finalize, list(extra_evals)
+        self.out = Path(train_cfg.output_dir)
+        self.main = accelerator.is_main_process
+        self.backend = backend_of(accelerator)
+        self.state, self.tracker_id, self.pusher = loop.LoopState(), None, None
+        run["name"] = train_cfg.run_name or self.out.resolve().name
+
+    @property
+    def evaluates(self) -> bool:
+        return self.heldout is not None or bool(self.extra_evals)
+
+    def prepare(self, model, seq_len: int) -> None:
+        """Optimizer, attention kernels, compile, then the backend's wrapping or sharding."""
+        cfg = self.cfg
+        self.fpt = models.flops_per_token(model, seq_len)
+        make_optimizer = lambda m: loop.make_optimizer(  # noqa: E731
+            m, cfg, fused=self.backend.fused_optimizer())
+        runtime.choose_attention(self.accelerator.device, cfg.mixed_precision,
+                                 model.config._attn_implementation,
+                                 model.config.hidden_size // model.config.num_attention_heads)
+        if cfg.torch_compile:
+            # in place, not a wrapper: saved state keeps the model's own names (no
+            # `_orig_mod.`), so a checkpoint resumes with or without --torch_compile
+            model.compile()
+        loop.compile_loss(cfg.torch_compile)
+        self.model, self.optimizer = self.backend.prepare(model, make_optimizer(model),
+                                                          make_optimizer)
+        self.run["distributed"] = runtime.describe(self.accelerator)
+
+    def start_or_resume(self, resume: Path | None) -> None:
+        """Load the checkpoint (and carry its metrics over), or start the output folder."""
+        if resume:
+            saved = ckpt.load_checkpoint(self.accelerator, self.model, self.optimizer, resume,
+                                         self.batches)
+            self.state = loop.LoopState(**saved["loop"])
+            self.tracker_id = saved.get("tracker_id")
+            if self.main:
+                outputs.continue_run(self.out, ckpt.home_of(resume), self.state.step)
+                ckpt.clean_leftovers(self.out)
+                ckpt.set_aside_newer(self.out, self.state.step)  # a roll-back: a new future
+                print(f"resumed from {resume} at step {self.state.step} "
+                      f"({self.state.tokens:,} tokens)")
+        elif self.main:
+            self.out.mkdir(parents=True, exist_ok=True)
+            outputs.clear_run_files(self.cfg.output_dir)
+        if self.main:
+            outputs.write_yaml(self.out / "run_config.yaml", self.run)
+
+    def start_trackers(self) -> None:
+        """wandb/tensorboard (the same wandb run continues on resume), metrics and progress,
+        and the background Hub pusher."""
+        wandb_kwargs = {"name": self.run["name"], "dir": str(self.out)}
+        if self.tracker_id:
+            wandb_kwargs.update(id=self.tracker_id, resume="allow")
+        self.accelerator.init_trackers(self.run["name"], config=flat_config(self.run),
+                                       init_kwargs={"wandb": wandb_kwargs})
+        self.tracker_id = self.tracker_id or wandb_run_id(self.accelerator)
+        self.logger = MetricsLogger(self.out, self.accelerator, self.cfg.max_steps,
+                                    start_step=self.state.step)
+        if self.cfg.push_to_hub and self.main:
+            self.pusher = hub.HubPusher(self.cfg.hub_model_id, self.cfg.hub_private_repo)
+
+    def evaluate(self) -> dict:
+        loss = loop.evaluate(self.model, self.heldout, self.cfg.per_device_eval_batch_size,
+                             self.accelerator)
+        results = {"eval_loss": loss} if loss is not None else {}
+        for fn in self.extra_evals:
+            results.update(fn(self.model, self.accelerator))
+        return results
+
+    def save(self, state) -> None:
+        path = ckpt.save_checkpoint(
+            self.accelerator, self.model, self.optimizer, self.tokenizer, self.batches, state,
+            {"fingerprint": self.fingerprint, "tracker_id": self.tracker_id,
+             "run_config": self.run},
+            self.out, self.cfg.save_total_limit, keep=self.pusher.busy() if self.pusher else ())
+        if self.pusher and self.cfg.hub_strategy == "every_save":
+            self.pusher.push(path, f"step-{state.step}", f"checkpoint at step {state.step}")
+
+    def train(self) -> str | None:
+        """The loop until max_steps or a signal; returns the signal's name if stopped by one."""
+        with runtime.StopRequest() as stop:
+            try:
+                loop.train(self.cfg, self.accelerator, self.model, self.optimizer, self.batches,
+                           self.state, self.logger, self.evaluate, save_fn=self.save, stop=stop,
+                           flops_per_token=self.fpt,
+                           peak_flops=models.peak_flops(self.accelerator.device))
+            finally:  # end the progress bar's line, so an error prints on a line of its own
+                self.logger.close()
+        st = self.state
+        self.run.update(step=st.step, tokens=st.tokens, elapsed_s=st.elapsed_s,
+                        skipped_steps=st.skipped)
+        return stop.signal_name
+
+    def stopped(self, signal_name: str) -> dict:
+        if self.main:
+            print(f"stopped by {signal_name} at step {self.state.step}: checkpoint saved in "
+                  f"{ckpt.checkpoint_root(self.out)}/step-{self.state.step}. To continue, run "
+                  "the same command with --resume_from_checkpoint latest")
+        self._close()
+        return {**self.run, "stopped": signal_name}
+
+    def finish(self) -> dict:
+        """The final model folder, samples and card; the Hub push of the final model."""
+        self.accelerator.wait_for_everyone()
+        self._record_evals()
+        final_model = ckpt.full_model(self.accelerator, self.model)  # collective if sharded
+        if self.main:
+            if self.finalize is not None:
+                final_model = self.finalize(final_model, self.out)
+            samples = outputs.finish_run(self.cfg.output_dir, final_model, self.tokenizer,
+                                         self.run, self.cfg)
+            self._report(samples)
+            if self.pusher:
+                self.pusher.push(self.out, "main", f"final model at step {self.state.step}",
+                                 final=True)
+                self.pusher.finish_and_report()  # no time limit: the final model must go up
+        self._close()
+        return self.run
+
+    def _record_evals(self) -> None:
+        evals = [r for r in outputs.read_metrics(self.out)
+                 if any(k.startswith("eval_") for k in r)] if self.main else []
+        first, last = [{k: v for k, v in r.items() if k.startswith("eval_")} for r in
+                       ((evals[0], evals[-1]) if evals else ({}, {}))]
+        self.run.update(final_eval_loss=last.get("eval_loss"),
+                        first_eval_loss=first.get("eval_loss"), final_eval=last,
+                        first_eval=first)
+
+    def _report(self, samples: list[str]) -> None:
         for text in samples:
             print(f"--- sample\n{text}")
-        for key, value in run["final_eval"].items():
+        for key, value in self.run["final_eval"].items():
             if key not in ("eval_loss", "eval_ppl"):
-                before = run["first_eval"].get(key)
+                before = self.run["first_eval"].get(key)
                 print(f"held-out {key[5:]}: {before:.4f} at the first evaluation, "
-                      f"{value:.4f} at step {state.step}")
-        print(f"\nfinal eval loss {run['final_eval_loss']}, model saved to {out}\n"
+                      f"{value:.4f} at step {self.state.step}")
+        print(f"\nfinal eval loss {self.run['final_eval_loss']}, model saved to {self.out}\n"
               f"load it: python -c \"from transformers import pipeline; "
-              f"print(pipeline('text-generation', '{out}')('The')[0]['generated_text'])\"")
-        if pusher:
-            pusher.push(out, "main", f"final model at step {state.step}", final=True)
-            pusher.finish_and_report()  # no time limit: the final model must go up
-    accelerator.end_training()
-    runtime.close_distributed()
-    return run
+              f"print(pipeline('text-generation', '{self.out}')('The')[0]['generated_text'])\"")
 
+    def _close(self) -> None:
+        self.accelerator.end_training()
+        runtime.close_distributed()
