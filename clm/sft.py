@@ -177,14 +177,18 @@ def load_records(cfg: SFTDataConfig, split: str = "train") -> list[dict]:
     from datasets import load_dataset
 
     files = cfg.validation_files if split == "validation" else cfg.train_files
+    option = f"--{split}_files"
     bars = datasets.is_progress_bar_enabled()
     datasets.disable_progress_bars()  # a small in-memory load: its bars are noise on stderr
     try:
         if files:
-            names, builder = resolve_files(files, f"--{split}_files")
+            names, builder = resolve_files(files, option)
             if builder == BUILDERS[".txt"]:
-                raise UsageError(f"--{split}_files: finetuning records must be .jsonl, .json "
+                raise UsageError(f"{option}: finetuning records must be .jsonl, .json "
                                  "or .parquet (one record a line or row)")
+            for name in names:
+                if name.endswith(".jsonl"):  # checked line by line, so errors name the line
+                    _check_jsonl(name, option)
             ds = load_dataset(builder, data_files=names, split="train")
         else:
             ds = load_dataset(cfg.dataset_name, cfg.dataset_config_name, split=split)
@@ -198,7 +202,50 @@ def load_records(cfg: SFTDataConfig, split: str = "train") -> list[dict]:
         if bars:
             datasets.enable_progress_bars()
     record_format(ds.column_names)
-    return list(ds)
+    records = list(ds)
+    where = f"{option} {', '.join(names)}" if files else f"--dataset_name {cfg.dataset_name}"
+    for i, record in enumerate(records):
+        check_record(record, f"{where} record {i + 1}")
+    return records
+
+
+RECORD_FIX = ('each record is {"text": str}, {"prompt": str, "completion": str} or '
+              '{"messages": [{"role": str, "content": str}, ...]}')
+
+
+def check_record(record, where: str) -> None:
+    """One-line UsageError naming `where` unless `record` is one of the three formats."""
+    if not isinstance(record, dict):
+        raise UsageError(f"{where}: not a JSON object ({RECORD_FIX})")
+    if record.get("messages") is not None:
+        messages = record["messages"]
+        if not isinstance(messages, list) or not messages or not all(
+                isinstance(m, dict) and isinstance(m.get("role"), str)
+                and isinstance(m.get("content"), str) for m in messages):
+            raise UsageError(f"{where}: 'messages' must be a non-empty list of "
+                             f"{{\"role\": str, \"content\": str}} objects ({RECORD_FIX})")
+    elif record.get("prompt") is not None or record.get("completion") is not None:
+        for key in ("prompt", "completion"):
+            if not isinstance(record.get(key), str):
+                raise UsageError(f"{where}: '{key}' must be a string ({RECORD_FIX})")
+    elif not isinstance(record.get("text"), str):
+        raise UsageError(f"{where}: the record has columns {sorted(record)} ({RECORD_FIX})")
+
+
+def _check_jsonl(path: str, option: str) -> None:
+    import json
+
+    with open(path, encoding="utf-8") as f:
+        for n, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+            except ValueError as e:
+                raise UsageError(f"{option} {path} line {n}: not valid JSON "
+                                 f"({getattr(e, 'msg', e)}; each line must be one JSON "
+                                 "record)") from None
+            check_record(record, f"{option} {path} line {n}")
 
 
 def record_format(columns) -> str:

@@ -353,7 +353,9 @@ def test_accumulation_is_exact_with_padding_and_masks(tmp_path, pretrained):
     ({"model_name_or_path": None}, "finetuning needs --model_name_or_path"),
     ({"train_files": None}, "no finetuning data"),
     ({"per_device_train_batch_size": 200}, "cannot fill one batch of 200"),
-    ({"bad_records": True}, "records have columns ['answer', 'question']"),
+    ({"bad_records": True}, "bad.jsonl line 1: the record has columns ['answer', 'question']"),
+    ({"broken_json": True}, "broken.jsonl line 3: not valid JSON (Expecting value"),
+    ({"bad_messages": True}, "chat.jsonl line 2: 'messages' must be a non-empty list"),
     ({"eval_metrics": "no_such_metric"}, "could not load --eval_metrics no_such_metric"),
     ({"eval_metrics": "exact_match", "text_only": True}, "--eval_metrics needs held-out records"),
     ({"block_size": 4096}, "--block_size 4096 is above the model's"),
@@ -362,6 +364,13 @@ def test_bad_input_is_one_line_exit_2(tmp_path, capsys, pretrained, change, mess
     data = write_jsonl(tmp_path / "records.jsonl", records())
     if change.pop("bad_records", False):
         data = write_jsonl(tmp_path / "bad.jsonl", [{"question": "q", "answer": "a"}] * 20)
+    if change.pop("broken_json", False):
+        data = tmp_path / "broken.jsonl"
+        data.write_text('{"text": "a b"}\n\n{"prompt": "a", "completion": \n')
+    if change.pop("bad_messages", False):
+        data = write_jsonl(tmp_path / "chat.jsonl", [
+            {"messages": [{"role": "user", "content": "hi"}]},
+            {"messages": [{"role": "user", "text": "hi"}]}])
     if change.pop("text_only", False):
         data = write_jsonl(tmp_path / "text.jsonl", [r for r in records() if "text" in r])
     base = sft_args(pretrained, data, tmp_path / "o")
