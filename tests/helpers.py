@@ -3,6 +3,8 @@
 import json
 from pathlib import Path
 
+import torch
+
 import train_clm
 from clm.config import DataConfig, ModelConfig, TrainingConfig, run_cli
 
@@ -114,3 +116,22 @@ def assert_same_records(a, b):
                 assert ra[k] == pytest.approx(rb[k], rel=1e-5), (k, ra, rb)
             else:
                 assert ra[k] == rb[k], (k, ra, rb)
+
+
+def logits(folder, ids):
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(folder).eval()
+    with torch.no_grad():
+        return model(ids).logits
+
+
+def assert_export_is_the_model(checkpoint, final, out):
+    """`python -m clm.export` of `checkpoint` (read from its training state) gives exactly the
+    logits of the checkpoint's HF folder and of `final`, the final folder of the same step."""
+    from clm import export
+
+    exported = export.export(checkpoint, out)
+    ids = torch.randint(0, 300, (2, 16), generator=torch.Generator().manual_seed(0))
+    torch.testing.assert_close(logits(exported, ids), logits(checkpoint, ids), rtol=0, atol=0)
+    torch.testing.assert_close(logits(exported, ids), logits(final, ids), rtol=0, atol=0)
