@@ -71,15 +71,13 @@ class EvalConfig:
                              f"(choose from: {', '.join(TASKS)})")
         checks = [(self.limit is None or self.limit >= 1, "--limit must be >= 1 (or left out "
                    "for all examples)"),
-                  (self.batch_size >= 1, "--batch_size must be >= 1"),
-                  (self.device in ("auto", "cpu", "cuda"), "--device must be auto, cpu or cuda"),
-                  (self.dtype in ("auto", "float32", "bfloat16", "float16"),
-                   "--dtype must be auto, float32, bfloat16 or float16")]
+                  (self.batch_size >= 1, "--batch_size must be >= 1")]
         for ok, message in checks:
             if not ok:
                 raise UsageError(message)
-        if self.device == "cuda" and not torch.cuda.is_available():
-            raise UsageError("--device cuda but no CUDA device is available (use --device cpu)")
+        from clm.sampling import check_device
+
+        check_device(self.device, self.dtype)
 
 
 # ----------------------------------------------------------------------------- data

@@ -322,7 +322,7 @@ def _fits(total: float, gpu_gib: float) -> bool:
     return total <= (1 - MARGIN) * gpu_gib * GIB
 
 
-def variants(s: Setup, fsdp_available: bool) -> list[tuple[str, str, Setup, float]]:
+def variants(s: Setup) -> list[tuple[str, str, Setup, float]]:
     """Changes that lower memory at the same tokens per step: (what, options, setup, cost).
     The cost orders them by what they take from throughput or simplicity."""
     out = []
@@ -336,10 +336,9 @@ def variants(s: Setup, fsdp_available: bool) -> list[tuple[str, str, Setup, floa
         out.append(("DeepSpeed ZeRO-3", f"--deepspeed {ZERO3_JSON}",
                     dict(backend="deepspeed", shard=3, offload_optimizer=False,
                          offload_params=False), 1.5))
-        if fsdp_available:
-            out.append(("FSDP full_shard", "--fsdp full_shard",
-                        dict(backend="fsdp", shard=3, offload_optimizer=False,
-                             offload_params=False), 1.6))
+        out.append(("FSDP full_shard", "--fsdp full_shard",
+                    dict(backend="fsdp", shard=3, offload_optimizer=False,
+                         offload_params=False), 1.6))
     if not s.checkpointing:
         out.append(("gradient checkpointing", "--gradient_checkpointing",
                     dict(checkpointing=True), 2.0))
@@ -350,10 +349,10 @@ def variants(s: Setup, fsdp_available: bool) -> list[tuple[str, str, Setup, floa
     return [(what, args, replace(s, **change), cost) for what, args, change, cost in out]
 
 
-def suggestions(shape: Shape, s: Setup, gpu_gib: float, fsdp_available: bool) -> list[dict]:
+def suggestions(shape: Shape, s: Setup, gpu_gib: float) -> list[dict]:
     """Each single change with its recomputed total, then (if none of them fits alone) the
     cheapest combination that fits: one backend change, one micro-batch size, checkpointing."""
-    singles = variants(s, fsdp_available)
+    singles = variants(s)
 
     def entry(what, args, setup, cost):
         total = memory_bytes(shape, setup)["total"]
@@ -411,7 +410,6 @@ def make_plan(data_cfg: DataConfig, model_cfg: ModelConfig, train_cfg: TrainingC
         num_gpus * peak * train_cfg.dry_run_mfu)
     fits = _fits(mem["total"], gpu_gib)
     ds = deepspeed_estimate(shape, s)
-    fsdp_available = True
     gib = lambda x: round(x / GIB, 3)  # noqa: E731
     return {
         "model": shape.name, "params": shape.params, "non_embedding_params": shape.non_embedding,
@@ -428,7 +426,7 @@ def make_plan(data_cfg: DataConfig, model_cfg: ModelConfig, train_cfg: TrainingC
         "host_gib_per_gpu": gib(mem["host"]),
         "deepspeed_estimate_gib": None if ds is None else gib(ds),
         "gpu": gpu, "gpu_memory_gib": round(float(gpu_gib), 3), "margin": MARGIN, "fits": fits,
-        "suggestions": [] if fits else suggestions(shape, s, gpu_gib, fsdp_available),
+        "suggestions": [] if fits else suggestions(shape, s, gpu_gib),
         "max_steps": train_cfg.max_steps, "mfu": train_cfg.dry_run_mfu,
         "peak_flops": peak, "hours_to_max_steps": round(seconds / 3600, 3),
     }

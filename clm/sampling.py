@@ -80,15 +80,21 @@ class SamplingConfig:
                   (not self.chat or len(self.prompt or []) <= 1,
                    ("--chat takes one --prompt, the user's message (leave it out to chat "
                     "interactively)")),
-                  (self.chat or self.system is None, "--system needs --chat"),
-                  (self.device in ("auto", "cpu", "cuda"), "--device must be auto, cpu or cuda"),
-                  (self.dtype in ("auto", "float32", "bfloat16", "float16"),
-                   "--dtype must be auto, float32, bfloat16 or float16")]
+                  (self.chat or self.system is None, "--system needs --chat")]
         for ok, message in checks:
             if not ok:
                 raise UsageError(message)
-        if self.device == "cuda" and not torch.cuda.is_available():
-            raise UsageError("--device cuda but no CUDA device is available (use --device cpu)")
+        check_device(self.device, self.dtype)
+
+
+def check_device(device: str, dtype: str) -> None:
+    """The --device and --dtype options of load_model's callers (generate.py, clm.evaluate)."""
+    if device not in ("auto", "cpu", "cuda"):
+        raise UsageError("--device must be auto, cpu or cuda")
+    if dtype not in ("auto", "float32", "bfloat16", "float16"):
+        raise UsageError("--dtype must be auto, float32, bfloat16 or float16")
+    if device == "cuda" and not torch.cuda.is_available():
+        raise UsageError("--device cuda but no CUDA device is available (use --device cpu)")
 
 
 def load_model(name: str, device: str = "auto", dtype: str = "auto"):
