@@ -38,6 +38,7 @@ def main(data_cfg: DataConfig, model_cfg: ModelConfig, train_cfg: TrainingConfig
     from clm.evaluate import make_benchmark_eval
 
     resume = session.check_output(train_cfg)
+    session.fit_to_world(resume, train_cfg, reshardable=batches is None)
     tokenizer_name = data_cfg.tokenizer_name or model_cfg.model_name_or_path
     if not tokenizer_name:
         raise UsageError("no tokenizer (pass --tokenizer_name, e.g. gpt2 or a local folder)")

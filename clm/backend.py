@@ -15,19 +15,29 @@ none of them asks which backend it is. What differs:
   same code as GPUs); parameters are DTensors sharded over the ranks, `MixedPrecisionPolicy`
   computes in bf16/fp16 with fp32 masters and fp32 gradient reduction; the training state is a
   `torch.distributed.checkpoint` folder (`state/dcp/`), which loads on any number of ranks.
+
+A training state loads on a different number of processes than it was saved on
+(`load_state(..., saved_world_size=N)`): DDP's states are full and FSDP's DCP folder reshards as
+it reads; DeepSpeed ZeRO's partitions are converted once into a universal checkpoint
+(`state/universal/`, DeepSpeed's `ds_to_universal`) that every rank reads its new partition
+from. Ranks that did not exist at save time get a deterministic RNG seed (`_reseed_new_rank`).
 """
 
 from __future__ import annotations
 
+import hashlib
 import math
+import os
 from contextlib import nullcontext
 from pathlib import Path
 
 import torch
 
+from .config import UsageError, first_line
 from .runtime import dist_info
 
 DCP_DIR = "dcp"  # FSDP2's sharded training state, under a checkpoint's state/
+UNIVERSAL_DIR = "universal"  # DeepSpeed's universal checkpoint of a state/, made on demand
 
 
 class DDPBackend:
@@ -94,8 +104,13 @@ class DDPBackend:
     def save_state(self, model, optimizer, state_dir: Path) -> None:
         self.accelerator.save_state(str(state_dir), safe_serialization=True)
 
-    def load_state(self, model, optimizer, state_dir: Path) -> None:
+    def load_state(self, model, optimizer, state_dir: Path,
+                   saved_world_size: int | None = None) -> None:
+        """Model, optimizer and RNG states. Saved on `saved_world_size` processes (None: this
+        run's number): the states are full (saved by the main process), so any number of
+        processes loads them; only a rank that did not exist then has no RNG state."""
         self.accelerator.load_state(str(state_dir))
+        _reseed_new_rank(state_dir, saved_world_size)
 
     def synced_generation(self) -> bool:
         """Whether generating needs every rank in lockstep (weights gathered per forward)."""
@@ -159,6 +174,56 @@ class DeepSpeedBackend(DDPBackend):
         if not self.accelerator.is_main_process:
             return None
         return _plain_copy(type(inner), inner, state)
+
+    def load_state(self, model, optimizer, state_dir: Path,
+                   saved_world_size: int | None = None) -> None:
+        """Engine (module, fp32 masters, optimizer partitions, step counts) and RNG states.
+
+        On as many processes as saved (or `saved_world_size` None): Accelerate's load, each rank
+        reading its own partition files. On a different number under ZeRO, the partitions are
+        re-cut: the main process converts the checkpoint into a universal one (once, cached in
+        `state_dir/universal/`), and every engine loads its new partition from that with
+        DeepSpeed's universal loading switched on for this one load only, so later saves are
+        ordinary checkpoints again. Without ZeRO (stage 0, fp32 or fp16) the engine saves full
+        states and the ordinary load serves any number of processes (checked by hand on CPU,
+        fp32, 1 -> 2 and 2 -> 1); stage 0 under bf16 (DeepSpeed's BF16_Optimizer, which
+        partitions like ZeRO-1) is refused on a new number of processes, untried.
+        """
+        world = dist_info()[1]
+        state_dir = Path(state_dir)
+        if self.stage == 0 and saved_world_size not in (None, world):
+            from deepspeed.runtime.bf16_optimizer import BF16_Optimizer
+
+            if isinstance(getattr(model, "optimizer", None), BF16_Optimizer):
+                raise UsageError(f"the DeepSpeed checkpoint {state_dir} was saved on "
+                                 f"{saved_world_size} processes by the bf16 optimizer without "
+                                 "ZeRO, which partitions its states; loading it on "
+                                 f"{world} is not supported (resume with {saved_world_size} "
+                                 "processes)")
+        if saved_world_size is None or saved_world_size == world or self.stage == 0:
+            self.accelerator.load_state(str(state_dir))
+            _reseed_new_rank(state_dir, saved_world_size)
+            return
+        tags = [_ds_tag(i) for i in range(len(self.accelerator._models))]
+        universal = _universal_checkpoint(state_dir, tags, saved_world_size, world)
+        engines = self.accelerator._models
+        # Accelerate's load_state as it is (RNG states, step, scaler, custom objects), except
+        # that its call of each engine's load_checkpoint(state_dir, tag) reads the universal
+        # folder of that tag instead. Patched on the instances, removed in any case.
+        for engine in engines:
+            engine.load_checkpoint = _universal_loader(engine, universal)
+        try:
+            self.accelerator.load_state(str(state_dir))
+        except UsageError:
+            raise
+        except Exception as e:
+            raise UsageError(f"could not load the DeepSpeed checkpoint {state_dir} saved on "
+                             f"{saved_world_size} processes into {world} ({first_line(e)}); "
+                             f"resume with {saved_world_size} processes") from e
+        finally:
+            for engine in engines:
+                engine.__dict__.pop("load_checkpoint", None)
+        _reseed_new_rank(state_dir, saved_world_size)
 
     def synced_generation(self) -> bool:
         return self.stage == 3 and dist_info()[1] > 1
@@ -235,12 +300,15 @@ class FSDPBackend(DDPBackend):
         dcp.save({"model": model_state, "optim": optim_state},
                  checkpoint_id=str(Path(state_dir) / DCP_DIR))
 
-    def load_state(self, model, optimizer, state_dir: Path) -> None:
-        """Loads on any number of ranks: torch.distributed.checkpoint reshards as it reads."""
+    def load_state(self, model, optimizer, state_dir: Path,
+                   saved_world_size: int | None = None) -> None:
+        """Loads on any number of ranks: torch.distributed.checkpoint reshards as it reads, so
+        `saved_world_size` matters only for the RNG state of a rank that did not exist then."""
         import torch.distributed.checkpoint as dcp
         from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 
         self.accelerator.load_state(str(state_dir))
+        _reseed_new_rank(state_dir, saved_world_size)
         model_state, optim_state = get_state_dict(model, optimizer)
         state = {"model": model_state, "optim": optim_state}
         dcp.load(state, checkpoint_id=str(Path(state_dir) / DCP_DIR))
@@ -266,6 +334,168 @@ def transformer_blocks(model) -> list:
         raise ValueError(f"{type(model).__name__} names no transformer block class to shard "
                          "(_no_split_modules)")
     return blocks
+
+
+RNG_FILE = "random_states_{}.pkl"  # Accelerate's per-rank RNG states, in a state/ folder
+
+
+def _reseed_new_rank(state_dir: Path, saved_world_size: int | None) -> None:
+    """Seed the RNGs (Python, NumPy, torch and every CUDA device) of a rank that has no saved
+    RNG state, when the run has more processes than the checkpoint was saved on.
+
+    Accelerate's load_state only logs "Could not load random states" for such a rank and leaves
+    its generators as they were (seeded by the run's start-up). The seed instead comes from the
+    checkpoint: a hash of the main process's saved torch RNG state and of this rank. So a
+    resume is reproducible (the same checkpoint and rank give the same stream), the new ranks'
+    streams differ from each other and from rank 0's, and resuming from another checkpoint
+    gives new streams rather than replaying the ones the run started with. Ranks with a saved
+    state (and every rank when the world size is unchanged) keep what Accelerate restored.
+    """
+    rank, world = dist_info()
+    state_dir = Path(state_dir)
+    if saved_world_size in (None, world) or (state_dir / RNG_FILE.format(rank)).is_file():
+        return
+    seed = rank_seed(state_dir, rank)
+    import random
+
+    import numpy as np
+
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)  # CPU and all CUDA devices
+
+
+def rank_seed(state_dir: Path, rank: int) -> int:
+    """The 32-bit seed `_reseed_new_rank` gives `rank` for the checkpoint in `state_dir`."""
+    digest = hashlib.sha256(f"rank {rank}".encode())
+    main_state = Path(state_dir) / RNG_FILE.format(0)
+    if main_state.is_file():
+        from accelerate.utils import load
+
+        saved = load(main_state).get("torch_manual_seed")
+        if saved is not None:
+            digest.update(bytes(saved.cpu().numpy()))
+    return int.from_bytes(digest.digest()[:4], "little")
+
+
+def _ds_tag(index: int) -> str:
+    """The folder Accelerate's save_state has engine number `index` save into (its
+    `engine.save_checkpoint(state_dir, tag)`): state/pytorch_model/, state/pytorch_model_1/..."""
+    from accelerate.utils import MODEL_NAME
+
+    return MODEL_NAME if index == 0 else f"{MODEL_NAME}_{index}"
+
+
+def _universal_checkpoint(state_dir: Path, tags: list[str], saved: int, world: int) -> Path:
+    """`state_dir/universal/`, holding each tag's DeepSpeed checkpoint converted to a universal
+    one (collective: every rank calls it). The main process converts, once: into a temporary
+    sibling folder renamed into place when complete, so that a folder cut short by a crash is
+    never read, and an existing `universal/` is reused. The other ranks wait for it; a failed
+    conversion is one UsageError on every rank."""
+    final = state_dir / UNIVERSAL_DIR
+    error = None
+    if dist_info()[0] == 0 and not final.is_dir():
+        error = _convert_to_universal(state_dir, tags, final)
+    if world > 1:
+        box = [error]
+        torch.distributed.broadcast_object_list(box, src=0)
+        error = box[0]
+    if error:
+        raise UsageError(f"could not convert the DeepSpeed checkpoint {state_dir} saved on "
+                         f"{saved} processes for {world} ({error}); resume with {saved} "
+                         "processes")
+    return final
+
+
+def _convert_to_universal(state_dir: Path, tags: list[str], final: Path) -> str | None:
+    """Run DeepSpeed's ds_to_universal on each tag folder into a temporary folder, then rename it
+    to `final`. Returns None, or the first line of what went wrong."""
+    import argparse
+    import contextlib
+    import io
+    import shutil
+    import tempfile
+
+    from deepspeed.checkpoint import ds_to_universal
+
+    tmp = Path(tempfile.mkdtemp(prefix=f".{UNIVERSAL_DIR}.", suffix=".tmp", dir=state_dir))
+    try:
+        for tag in tags:
+            if not (state_dir / tag).is_dir():
+                return f"no {tag}/ folder in it"
+            # in this process, one worker each: no process pool inside a torchrun rank.
+            # inject_missing_state: ZeRO-1/2 engines of a plain model record no
+            # universal_checkpoint_info (only Megatron-style models do), which the converter
+            # otherwise requires; the empty default is right for a model without tensor or
+            # pipeline parallelism.
+            args = argparse.Namespace(input_folder=str(state_dir / tag),
+                                      output_folder=str(tmp / tag), num_extract_workers=1,
+                                      num_merge_workers=1, keep_temp_folder=False, strict=True,
+                                      inject_missing_state=True)
+            log = io.StringIO()  # its progress prints and bars, kept out of the run's output
+            with contextlib.redirect_stdout(log), contextlib.redirect_stderr(log):
+                ds_to_universal.main(args)
+        try:
+            os.rename(tmp, final)
+        except OSError:
+            if not final.is_dir():  # else: made meanwhile by another job, as good as ours
+                raise
+    except Exception as e:  # of any kind: the other ranks wait for the verdict
+        return f"{type(e).__name__}: {first_line(e)}"
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return None
+
+
+def _universal_loader(engine, universal: Path):
+    """`engine.load_checkpoint` for Accelerate's load_state: loads `universal/<tag>` with the
+    engine's universal loading on (the `checkpoint: {load_universal: true}` config flag, which
+    DeepSpeed reads from `engine._config.load_universal_checkpoint` while loading), and restores
+    the flag after."""
+    load = type(engine).load_checkpoint
+
+    def load_checkpoint(load_dir, tag=None, **kwargs):
+        config = engine._config
+        before = config.load_universal_checkpoint
+        config.load_universal_checkpoint = True
+        try:
+            path, client_state = load(engine, str(universal), tag, **kwargs)
+        finally:
+            config.load_universal_checkpoint = before
+        if path is None:
+            raise RuntimeError(f"DeepSpeed found no checkpoint in {universal / str(tag)}")
+        _repair_optimizer_state(engine, universal / str(tag))
+        return path, client_state
+
+    return load_checkpoint
+
+
+def _repair_optimizer_state(engine, folder: Path) -> None:
+    """Undo what DeepSpeed 0.19.8's universal loading gets wrong with more than one optimizer
+    param group (ours: matrices with weight decay, biases and LayerNorms without).
+
+    - Step counts: the ZeRO-3 loader gives every fp32 partition the same `step` tensor object,
+      which torch's Adam increments in place, so each optimizer step would count once per
+      group and the later groups' bias corrections would be wrong. Every partition gets its
+      own copy (harmless under ZeRO-1/2, whose loader reads one per group).
+    - Hyperparameters: the ZeRO-3 loader copies the first group's into every group, so the
+      no-decay group would get the matrices' weight decay (the ZeRO-1/2 loader restores them
+      group by group). They are set again from `zero/optimizer_state.pt`, where the converter
+      keeps every group's.
+    """
+    base = engine.optimizer.optimizer
+    for state in base.state.values():
+        if torch.is_tensor(state.get("step")):
+            state["step"] = state["step"].clone()
+    if not engine.zero_optimization_partition_weights():
+        return
+    saved = torch.load(folder / "zero" / "optimizer_state.pt", map_location="cpu",
+                       weights_only=False)["param_groups"]
+    if len(saved) != len(base.param_groups):
+        raise RuntimeError(f"the checkpoint has {len(saved)} optimizer param groups, the "
+                           f"optimizer {len(base.param_groups)}")
+    for group, values in zip(base.param_groups, saved):
+        group.update({k: v for k, v in values.items() if k != "params"})
 
 
 def _fp32_masters(inner) -> dict | None:

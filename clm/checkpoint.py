@@ -211,16 +211,17 @@ def data_identity(cfg, fields: tuple[str, ...]) -> dict:
     return {name: norm(getattr(cfg, name)) for name in fields}
 
 
-FIX = {"world_size": "launch with the same number of processes",
-       "num_workers": "use the same --dataloader_num_workers",
-       "global_batch": "keep per_device_train_batch_size x gradient_accumulation_steps x "
+# What a resume may change: the number of processes and DataLoader workers (the data is dealt
+# again, the model and optimizer re-sharded, accumulation recomputed: see session.fit_to_world).
+LAYOUT = ("world_size", "num_workers")
+FIX = {"global_batch": "keep per_device_train_batch_size x gradient_accumulation_steps x "
                        "processes the same",
        "block_size": "use the same --block_size", "tokenizer": "use the same --tokenizer_name"}
 
 
 def check_fingerprint(saved: dict, current: dict, path: Path) -> None:
     for key, value in saved.items():
-        if current.get(key) != value:
+        if key not in LAYOUT and current.get(key) != value:
             fix = FIX.get(key, "use the same model configuration")
             if key.startswith("data."):
                 fix = f"use the same --{key[5:]}, or start a new run in another --output_dir"
@@ -314,14 +315,28 @@ def rotate(output_dir: str | Path, limit: int | None, keep=()) -> list[Path]:
 
 
 def load_checkpoint(accelerator, model, optimizer, path: Path, loader) -> dict:
-    """Restore model, optimizer, RNG and this rank's data state; returns trainer_state.json."""
-    backend_of(accelerator).load_state(model, optimizer, path / "state")
-    data_file = path / "state" / f"data_rank{_rank()}.json"
-    if not data_file.is_file():
-        raise CheckpointError(f"checkpoint {path} has no data state for rank {_rank()} "
-                              "(resume with the number of processes it was saved with)")
-    loader.load_state_dict(json.loads(data_file.read_text()))
-    return json.loads((path / "trainer_state.json").read_text())
+    """Restore model, optimizer, RNG and the data state; returns trainer_state.json.
+
+    The checkpoint may come from another number of processes: the backend re-shards the model
+    and optimizer, and the loader gets every saved rank's data state to continue from
+    (`restore`; one without it must be resumed on the saved number of processes)."""
+    trainer_state = read_trainer_state(path)
+    saved_world = trainer_state.get("fingerprint", {}).get("world_size")
+    backend_of(accelerator).load_state(model, optimizer, path / "state",
+                                       saved_world_size=saved_world)
+    files = sorted(path.glob("state/data_rank*.json"), key=lambda f: int(f.stem[9:]))
+    states = [json.loads(f.read_text()) for f in files]
+    if hasattr(loader, "restore"):
+        line = loader.restore(states)
+        if line and accelerator.is_main_process:
+            print(line)
+    elif len(states) == dist_info()[1]:
+        loader.load_state_dict(states[_rank()])
+    else:
+        raise CheckpointError(f"checkpoint {path} has data states for {len(states)} processes "
+                              f"and this data cannot be dealt to {dist_info()[1]} (resume with "
+                              f"{len(states)} processes)")
+    return trainer_state
 
 
 def read_trainer_state(path: Path) -> dict:

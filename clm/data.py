@@ -4,22 +4,30 @@
 
 Sources are `datasets` streaming `IterableDataset`s: a Hub dataset by name (parquet, read in row
 groups), a local folder laid out like one, or local `.txt`/`.jsonl`/`.parquet` globs. Every rank
-and every DataLoader worker gets its own shards through `datasets.distributed.split_dataset_by_node`
-(applied twice: ranks, then workers), so the streams are disjoint and together cover the data.
+and every DataLoader worker is a stream with its own plan for each pass over the data: whole
+shards dealt round-robin (else every k-th document of every shard), the partition
+`datasets.distributed.split_dataset_by_node` makes, but built here, shard by shard, so that a
+position is stated in the dataset's shards rather than in one rank's view of them. The streams
+are disjoint and together cover the data.
 
 Ordering is ours, not `IterableDataset.shuffle`'s, because a shuffle buffer cannot be resumed
-without storing its contents. Each epoch the shard order is permuted (`set_epoch` with a key
-derived from the seed and the epoch); each worker reads its shards as `shuffle_readers` groups
-side by side, so documents come from that many places in the dataset at once; documents are
-taken in windows of `shuffle_window` that are permuted by a generator seeded from (seed, epoch,
-window, rank, worker); they are packed into blocks, and the blocks are emitted in windows of
+without storing its contents. Each pass the shard order is permuted (seeded from the seed and
+the pass); each worker reads its shards as `shuffle_readers` readers side by side, so documents
+come from that many places in the dataset at once; documents are taken in windows of
+`shuffle_window` that are permuted by a generator seeded from (seed, epoch, window, rank,
+worker); they are packed into blocks, and the blocks are emitted in windows of
 `shuffle_buffer_blocks`, each permuted, so that a micro-batch holds pieces of many documents.
 The position of the next block is therefore fully described by where its block window starts
-(epoch, document window, the readers' datasets states at that window's start, document, token
-offset), the block window's number and the blocks of it already emitted: a resume loads those
-datasets states (which seek by shard, i.e. parquet row group), re-reads one document window,
-re-packs at most two block windows and drops what was already used. Nothing is carried in the
-state but these numbers.
+(pass, document window, each reader's [shard in its plan, documents taken] at that window's
+start, document, token offset), the block window's number and the blocks of it already emitted:
+a resume opens the readers' shards and skips within them (one parquet row group), re-reads one
+document window, re-packs at most two block windows and drops what was already used. Nothing is
+carried in the state but these numbers.
+
+On another number of ranks or workers (`BlockLoader.restore`), what is left of every saved
+stream's pass, from the start of its document window, is dealt to the new streams as shard
+pieces; they finish it and start the next pass together. No document is skipped; per saved
+stream at most one document window and one block window are read again.
 
 When a worker's shards run out it starts its next epoch on its own (new shard order and window
 permutation), so ranks with uneven data never wait for each other and nobody hangs; the run's
@@ -29,6 +37,7 @@ length is set by `max_steps`, not by the data.
 from __future__ import annotations
 
 import copy
+import dataclasses
 import functools
 import glob
 import hashlib
@@ -45,6 +54,7 @@ from .config import DataConfig, UsageError, first_line
 
 BUILDERS = {".txt": "text", ".jsonl": "json", ".json": "json", ".parquet": "parquet"}
 TOKENIZE_CHUNK = 128  # documents per tokenizer call: large enough to amortise, small for latency
+READ_BATCH = 256  # documents per read from a shard
 
 
 # ----------------------------------------------------------------------------- sources
@@ -235,9 +245,98 @@ def shuffle_blocks(make_blocks, size: int, seed: list[int], resume: Optional[dic
 
 
 def _epoch_key(seed: int, epoch: int) -> int:
-    # datasets permutes shard order with default_rng(key) and skips it for key 0.
     return int.from_bytes(hashlib.blake2b(f"{seed}/{epoch}".encode(), digest_size=4).digest(),
                           "little") | 1
+
+
+# ----------------------------------------------------------------------------- work plans
+# A stream's pass over the data is a plan: one list of work items per reader. An item
+# [shard, first, step] is the documents first, first + step, first + 2 step, ... of one shard
+# (a parquet row group, or a file). A reader's position is [item index, documents taken from
+# that item], so "what is left of this pass" is a list of items, whatever the number of ranks
+# and workers that made it: that is what lets a run continue on another number of processes.
+
+def shard_order(num_shards: int, seed: int, epoch: int, shuffle: bool) -> list[int]:
+    """The epoch's shard order (the permutation `datasets` applies for `set_epoch`)."""
+    order = list(range(num_shards))
+    if shuffle:
+        np.random.default_rng(_epoch_key(seed, epoch)).shuffle(order)
+    return order
+
+
+def stream_plan(order: list[int], stream: int, streams: int, readers: int) -> list[list]:
+    """Stream `stream` of `streams`' plan for a pass over the shards in `order`.
+
+    Whole shards, dealt round-robin, when there are enough for every stream (split over up to
+    `readers` readers); else every `streams`-th document of every shard, the phase rotating
+    from shard to shard so that small shards do not all feed the same streams.
+    """
+    if len(order) >= streams:
+        mine = order[stream::streams]
+        readers = max(1, min(readers, len(mine)))
+        return [[[g, 0, 1] for g in mine[j::readers]] for j in range(readers)]
+    return [[[g, (stream + c) % streams, streams] for c, g in enumerate(order)]]
+
+
+def remaining_items(plan: list[list], positions: list) -> list[list]:
+    """The items of `plan` not yet taken by readers at `positions`, each starting where its
+    reader stopped."""
+    left = []
+    for items, (index, taken) in zip(plan, positions):
+        for k, (shard, first, step) in enumerate(items[index:]):
+            left.append([shard, first + step * taken, step] if k == 0 else [shard, first, step])
+    return left
+
+
+def deal(items: list[list], streams: int, readers: int) -> list[list[list]]:
+    """Split `items` into one plan per stream: whole items round-robin, each item cut into
+    interleaved parts first when there are fewer items than streams."""
+    if items and len(items) < streams:
+        parts = -(-streams // len(items))
+        items = [[g, first + step * i, step * parts] for g, first, step in items
+                 for i in range(parts)]
+    plans = []
+    for t in range(streams):
+        mine = items[t::streams]
+        n = max(1, min(readers, len(mine)))
+        plans.append([mine[j::n] for j in range(n)] if mine else [])
+    return plans
+
+
+class _Reader:
+    """One reader's walk through its plan's items, from a position; `take(n)` documents."""
+
+    def __init__(self, open_item, items: list, position=(0, 0)):
+        self.open_item, self.items = open_item, items
+        self.index, self.taken = position
+        self._iter, self._buffer = None, []
+
+    @property
+    def position(self) -> list[int]:
+        return [self.index, self.taken]
+
+    def take(self, n: int) -> list[str]:
+        """Up to `n` documents; fewer only when the plan is finished."""
+        out = []
+        while len(out) < n and self.index < len(self.items):
+            if not self._buffer:
+                if self._iter is None:
+                    self._iter = self.open_item(self.items[self.index], self.taken)
+                batch = next(self._iter, None)
+                if batch is None:
+                    self.close()
+                    self.index, self.taken = self.index + 1, 0
+                    continue
+                self._buffer = batch
+            k = min(n - len(out), len(self._buffer))
+            out += self._buffer[:k]
+            self._buffer, self.taken = self._buffer[k:], self.taken + k
+        return out
+
+    def close(self) -> None:
+        if self._iter is not None:
+            self._iter.close()
+        self._iter, self._buffer = None, []
 
 
 @dataclass
@@ -270,22 +369,33 @@ class PackedBlocks(torch.utils.data.IterableDataset):
         self.resume_states: list[Optional[dict]] = [None] * max(1, spec.num_workers)
         self.worker_offset = 0
 
-    def _readers(self, worker: int) -> list:
-        """This worker's share of the source, as the streams it reads side by side."""
-        from datasets.distributed import split_dataset_by_node
-
-        s = self.spec
+    def plan(self, epoch: int, worker: int, spec: Optional[StreamSpec] = None) -> list[list]:
+        """This worker's plan for pass `epoch` over the data (see `stream_plan`); `spec`: that
+        of another layout of the same stream (a saved run's)."""
+        s = spec or self.spec
         workers = max(1, s.num_workers)
-        # Whole shards when there are enough for everyone; else every k-th document.
-        strategy = "shards" if self.source.num_shards >= s.world_size * workers else "examples"
-        ds = split_dataset_by_node(self.source, s.rank, s.world_size, strategy=strategy)
-        ds = split_dataset_by_node(ds, worker, workers, strategy=strategy)
-        readers = min(s.readers, ds.num_shards) if s.shuffle and strategy == "shards" else 1
-        if readers <= 1:
-            return [ds]
-        # Contiguous groups of shards: each reader walks its own part of the dataset, so a
-        # window holds documents from `readers` places rather than from one stretch of it.
-        return [split_dataset_by_node(ds, j, readers, strategy="shards") for j in range(readers)]
+        order = shard_order(self.source.num_shards, s.seed, epoch, s.shuffle)
+        return stream_plan(order, workers * s.rank + worker, workers * s.world_size,
+                           s.readers if s.shuffle else 1)
+
+    def _open_item(self, item, taken: int):
+        """The documents of one work item from its `taken`-th on, in batches (a generator)."""
+        shard, first, step = item
+        ds = self.source.shard(num_shards=self.source.num_shards, index=shard)
+        first += step * taken
+        if first:
+            ds = ds.skip(first)  # within one row group (or file): what a datasets seek reads
+        seen = 0
+        stream = ds.iter(batch_size=READ_BATCH)
+        try:
+            for batch in stream:
+                texts = batch[self.text_column]
+                kept = texts[(-seen) % step::step] if step > 1 else texts
+                seen += len(texts)
+                if kept:
+                    yield kept
+        finally:
+            stream.close()
 
     def _keep(self, text) -> bool:
         if not text:
@@ -299,58 +409,49 @@ class PackedBlocks(torch.utils.data.IterableDataset):
         """Yield (position, tokens) for each document of this worker's stream, from `resume` on.
 
         A window takes `window / readers` documents from each reader still going; its position
-        is the readers' `datasets` states at its start.
+        is the pass's plan (None: the standard one of its epoch) and the readers' positions at
+        its start.
         """
         s = self.spec
-        epoch = resume["epoch"] if resume else 0
+        epoch, plan = (resume["epoch"], resume.get("plan")) if resume else (0, None)
         while True:
-            readers = self._readers(worker)
-            if s.shuffle:
-                for ds in readers:
-                    ds.set_epoch(_epoch_key(s.seed, epoch))
-            window, first_doc, window_state = 0, 0, None
+            items = plan if plan is not None else self.plan(epoch, worker)
+            window, first_doc, positions = 0, 0, [(0, 0)] * len(items)
             if resume:
-                window, first_doc, window_state = resume["window"], resume["doc"], resume["hf_state"]
-                for ds, state in zip(readers, window_state or []):
-                    ds.load_state_dict(state)
+                window, first_doc, positions = resume["window"], resume["doc"], resume["readers"]
                 resume = None
-            from_start, found = window == 0 and first_doc == 0, False
-            per_reader = -(-s.window // len(readers))
-            streams = [ds.iter(batch_size=per_reader) for ds in readers]
-            live = list(range(len(streams)))
+            from_start = plan is None and window == 0 and first_doc == 0 and \
+                not any(i or t for i, t in positions)
+            found = False
+            readers = [_Reader(self._open_item, its, pos) for its, pos in zip(items, positions)]
+            per_reader = -(-s.window // max(1, len(readers)))
             try:
-                while live:
-                    texts = []
-                    for i in list(live):
-                        batch = next(streams[i], None)
-                        if batch is None:
-                            live.remove(i)
-                        else:
-                            texts += batch[self.text_column]
-                    if not live and not texts:
+                while True:
+                    at_start = [r.position for r in readers]
+                    texts = [t for r in readers for t in r.take(per_reader)]
+                    if not texts:
                         break
                     texts = [t for t in texts if self._keep(t)]
                     found = found or bool(texts)
                     if s.shuffle:
                         rng = np.random.default_rng([s.seed, epoch, window, s.rank, worker])
                         texts = [texts[i] for i in rng.permutation(len(texts))]
-                    pos = {"epoch": epoch, "window": window, "hf_state": window_state}
+                    pos = {"epoch": epoch, "plan": plan, "window": window, "readers": at_start}
                     for lo in range(first_doc, len(texts), TOKENIZE_CHUNK):
                         chunk = texts[lo:lo + TOKENIZE_CHUNK]
                         for j, tokens in enumerate(encode(self.tokenizer, chunk)):
                             yield {**pos, "doc": lo + j}, tokens
                     first_doc, window = 0, window + 1
-                    window_state = [copy.deepcopy(ds.state_dict()) for ds in readers]
             finally:
-                for stream in streams:
-                    stream.close()
+                for reader in readers:
+                    reader.close()
             if not s.infinite:
                 return
             if from_start and not found:  # cycling an empty stream would spin forever
                 raise UsageError(f"rank {s.rank} worker {worker} got no documents (fewer "
                                  "documents than ranks x workers? lower "
                                  "--dataloader_num_workers or add data)")
-            epoch += 1
+            epoch, plan = epoch + 1, None
 
     def blocks(self, worker: int, resume: Optional[dict] = None):
         """Yield (block, documents, state) of this worker's stream, from `resume` on."""
@@ -400,6 +501,9 @@ class BlockLoader:
         self.batches = 0
         self.documents_seen = 0  # distinct documents summed over micro-batches (a statistic)
 
+    # What a resume can change: the layout (ranks, workers, micro-batch); the rest must match.
+    LAYOUT = ("rank", "world_size", "num_workers", "batch_size")
+
     def _meta(self) -> dict:
         s = self.blocks.spec
         return {"rank": s.rank, "world_size": s.world_size, "num_workers": s.num_workers,
@@ -411,13 +515,66 @@ class BlockLoader:
         return {**self._meta(), "batches": self.batches,
                 "workers": copy.deepcopy(self.worker_states)}
 
-    def load_state_dict(self, state: dict) -> None:
-        for key, value in self._meta().items():
-            if state.get(key) != value:
+    def _check(self, state: dict, keys) -> None:
+        meta = self._meta()
+        for key in keys:
+            if state.get(key) != meta[key]:
                 raise UsageError(f"the checkpoint's data state has {key}={state.get(key)} but "
-                                 f"this run has {key}={value} (resume with the same {key})")
+                                 f"this run has {key}={meta[key]} (resume with the same {key})")
+
+    def load_state_dict(self, state: dict) -> None:
+        """Continue exactly where this rank's streams stopped (same ranks and workers)."""
+        self._check(state, [k for k in self._meta() if k != "batch_size"])
         self.batches = state["batches"]
         self.worker_states = copy.deepcopy(state["workers"])
+
+    def restore(self, states: list[dict]) -> Optional[str]:
+        """Continue from every rank's saved state (`states`, in rank order).
+
+        With the same ranks and workers, exactly (`load_state_dict`). Otherwise the rest of
+        each saved stream's pass, from the start of the document window it was in, is dealt
+        to this run's streams, which then start the next pass together: no document is
+        skipped, and those of each saved stream's last document window and block window that
+        were already trained on are read again. Returns a line saying what was redistributed.
+        """
+        s = self.blocks.spec
+        for state in states:
+            self._check(state, [k for k in self._meta() if k not in self.LAYOUT])
+        if len(states) == s.world_size and all(
+                st["world_size"] == s.world_size and st["num_workers"] == s.num_workers
+                for st in states):
+            self.load_state_dict(states[s.rank])
+            return None
+        left, epoch = [], 0
+        for st in states:
+            saved = dataclasses.replace(s, rank=st["rank"], world_size=st["world_size"],
+                                        num_workers=st["num_workers"])
+            for worker, ws in enumerate(st["workers"]):
+                start = ws["start"] if ws else None
+                if start is None:  # this stream has not finished a block window: all of pass 0
+                    plan = self.blocks.plan(0, worker, saved)
+                    left += remaining_items(plan, [(0, 0)] * len(plan))
+                    continue
+                plan = start["plan"]
+                if plan is None:
+                    plan = self.blocks.plan(start["epoch"], worker, saved)
+                left += remaining_items(plan, start["readers"])
+                epoch = max(epoch, start["epoch"])
+        workers = max(1, s.num_workers)
+        plans = deal(left, workers * s.world_size, s.readers if s.shuffle else 1)
+        self.worker_states = []
+        for worker in range(workers):
+            plan = plans[workers * s.rank + worker]
+            start = {"epoch": epoch, "plan": plan, "window": 0,
+                     "readers": [[0, 0]] * len(plan), "doc": 0, "offset": 0}
+            self.worker_states.append({"worker": worker, "start": start, "window": 0,
+                                       "emitted": 0})
+        self.batches = 0
+        before = sum(max(1, st["num_workers"]) for st in states)
+        return (f"data: the rest of the current pass of {_n(before, 'stream')} on "
+                f"{_n(len(states), 'process')} is dealt to {_n(workers * s.world_size, 'stream')} "
+                f"on {_n(s.world_size, 'process')} ({_n(len(left), 'shard piece')}), then the "
+                "next pass starts")
 
     def __iter__(self):
         workers = self.blocks.spec.num_workers
@@ -433,6 +590,10 @@ class BlockLoader:
             self.worker_states[state["worker"]] = state
             self.batches += 1
             yield batch
+
+
+def _n(count: int, noun: str) -> str:
+    return f"{count} {noun}" + ("" if count == 1 else "es" if noun.endswith("s") else "s")
 
 
 def _ignore_sigint(_worker_id: int) -> None:

@@ -39,6 +39,15 @@ def dist_info() -> tuple[int, int]:
     return 0, 1
 
 
+def launch_world_size() -> int:
+    """The number of processes the launcher started (before the process group exists)."""
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
+def launch_rank() -> int:
+    return int(os.environ.get("RANK", "0"))
+
+
 def close_distributed() -> None:
     """Leave the process group together before the interpreter exits. Left to interpreter
     shutdown, the group's C++ worker threads can be destroyed while still joinable, and the

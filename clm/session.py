@@ -30,6 +30,41 @@ def check_output(train_cfg: TrainingConfig) -> Path | None:
     return None
 
 
+def fit_to_world(resume: Path | None, train_cfg: TrainingConfig, reshardable: bool = True,
+                 log=print) -> None:
+    """Resuming on another number of processes keeps the checkpoint's global batch: the
+    accumulation steps are recomputed (and printed) for this run's processes and micro-batch;
+    a global batch they cannot make exactly is a one-line error. Call before the accelerator
+    is made (DeepSpeed's config takes the accumulation steps)."""
+    if not resume:
+        return
+    saved = ckpt.read_trainer_state(resume)["fingerprint"]
+    before, world = saved["world_size"], runtime.launch_world_size()
+    if before == world:
+        return
+    if not reshardable:
+        raise ckpt.CheckpointError(f"cannot resume {resume} on {world} processes: it was saved "
+                                   f"on {before} and this run's data cannot be dealt again "
+                                   f"(resume with {before} processes)")
+    sequences, micro = saved["global_batch"], train_cfg.per_device_train_batch_size
+    if sequences % (micro * world):
+        fits = [m for m in range(1, sequences + 1) if sequences % (m * world) == 0]
+        fix = (f"pass --per_device_train_batch_size {' or '.join(map(str, fits[-3:]))}"
+               if fits else f"use a number of processes that divides {sequences}")
+        raise ckpt.CheckpointError(
+            f"cannot resume {resume} on {world} processes: its global batch of {sequences} "
+            f"sequences is not a multiple of --per_device_train_batch_size {micro} x {world} "
+            f"processes ({fix})")
+    accum = sequences // (micro * world)
+    if runtime.launch_rank() == 0:
+        log(f"resuming a {before}-process checkpoint on {world} process"
+            f"{'es' if world > 1 else ''}: "
+            f"--gradient_accumulation_steps {train_cfg.gradient_accumulation_steps} -> {accum} "
+            f"keeps its global batch of {sequences} sequences, "
+            f"{sequences * saved['block_size']:,} tokens ({micro} per process x {accum} x {world})")
+    train_cfg.gradient_accumulation_steps = accum
+
+
 def check_resume(resume: Path | None, fingerprint: dict) -> None:
     if resume:
         ckpt.check_fingerprint(ckpt.read_trainer_state(resume)["fingerprint"], fingerprint,

@@ -35,6 +35,7 @@ def main(data_cfg: SFTDataConfig, model_cfg: ModelConfig, train_cfg: TrainingCon
 
     # --- check everything the user gave us before any work
     resume = session.check_output(train_cfg)
+    session.fit_to_world(resume, train_cfg, reshardable=hasattr(sft.ExampleLoader, "restore"))
     if not model_cfg.model_name_or_path:
         raise UsageError("finetuning needs --model_name_or_path (a Hub name such as gpt2, or a "
                          "folder written by train_clm.py)")

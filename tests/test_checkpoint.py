@@ -125,7 +125,6 @@ def test_resume_refusals_are_one_line_errors(tmp_path, args_for, capsys, corpus_
     capsys.readouterr()
     cases = [({"block_size": 16}, "block_size=32 but this run has block_size=16"),
              ({"per_device_train_batch_size": 2}, "global_batch=4 but this run has global_batch=2"),
-             ({"dataloader_num_workers": 1}, "num_workers=0"),
              ({"max_steps": 8, "config_name": None}, "n_layer=2 but this run has n_layer=4"),
              # the data's identity: another held-out share would move trained-on documents
              # into the held-out set; other shuffle settings another order
@@ -148,13 +147,17 @@ def test_resume_refusals_are_one_line_errors(tmp_path, args_for, capsys, corpus_
         assert e.value.code == 2 and len(err) == 1 and message in err[0], (message, err)
     state_file = ckpt.checkpoint_root(out) / "step-4" / "trainer_state.json"
     saved = json.loads(state_file.read_text())
-    saved["fingerprint"]["world_size"] = 2
+    # another number of processes is resumed (tests/test_reshard.py), but only with the
+    # checkpoint's global batch made exactly: 6 sequences from 1 process x 4 cannot be
+    saved["fingerprint"].update(world_size=2, global_batch=6)
     state_file.write_text(json.dumps(saved))
     with pytest.raises(SystemExit):
         run(args_for(out, max_steps=8, dataloader_num_workers=0) +
             ["--resume_from_checkpoint", str(state_file.parent)])
-    assert "world_size=2 but this run has world_size=1 (launch with the same number" in \
-        capsys.readouterr().err
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "global batch of 6 sequences is not a multiple of " \
+        "--per_device_train_batch_size 4 x 1 processes (pass --per_device_train_batch_size " \
+        "2 or 3 or 6)" in err[0], err
     with pytest.raises(SystemExit):
         run(args_for(tmp_path / "empty", max_steps=8) + ["--resume_from_checkpoint", "latest"])
     assert "no complete checkpoint" in capsys.readouterr().err

@@ -5,6 +5,7 @@ import subprocess
 import sys
 
 import numpy as np
+import torch
 import pytest
 
 from clm.config import DataConfig, UsageError
@@ -374,3 +375,125 @@ def test_streaming_off_and_text_files_read_the_same_documents(corpus_dir, tmp_pa
 def test_hub_dataset_offline_is_a_clear_error():
     with pytest.raises(UsageError, match=r"could not load --dataset_name Skylion007/openwebtext"):
         open_source(DataConfig())
+
+
+# ---------------------------------------------------------------- another number of processes
+
+def consume(loader, batches: int) -> set:
+    """Train on `batches` micro-batches as BlockLoader hands them out (round-robin over the
+    workers' streams); returns the (worker, epoch, window, doc) of every document a consumed
+    block holds a piece of."""
+    workers = max(1, loader.blocks.spec.num_workers)
+    streams = [loader.blocks.blocks(w, loader.worker_states[w]) for w in range(workers)]
+    seen = set()
+    for n in range(batches):
+        w = (loader.batches + n) % workers
+        for _ in range(loader.blocks.batch_size):
+            _, names, state = next(streams[w])
+            seen |= {(w, *name) for name in names}
+        loader.worker_states[w] = {"worker": w, **state}
+    loader.batches += batches
+    return seen
+
+
+def named_documents(blocks, worker, tokenizer, resume=None, epochs=1):
+    """{(epoch, window, doc): document index} of a stream's first `epochs` passes."""
+    out = {}
+    for pos, tokens in blocks.documents(worker, resume):
+        if pos["epoch"] >= (resume["epoch"] if resume else 0) + epochs:
+            break
+        out[(pos["epoch"], pos["window"], pos["doc"])] = doc_index(tokenizer, tokens)
+    return out
+
+
+@pytest.mark.parametrize("kind,before,after", [
+    ("row_groups", (2, 0), (1, 0)), ("row_groups", (1, 0), (2, 0)),
+    ("row_groups", (2, 2), (3, 1)), ("row_groups", (1, 0), (5, 1)),
+    ("one_file", (2, 0), (1, 0)), ("one_file", (1, 0), (3, 0))])
+def test_restore_on_another_layout_skips_nothing_and_repeats_a_bounded_few(
+        corpus_dir, jsonl_file, tokenizer, kind, before, after):
+    """A data state saved by N ranks x W workers continues on M x V: the rest of the pass is
+    read exactly once (no document skipped), and what is read again is bounded by one
+    document window plus one block window per saved stream (the README's statement)."""
+    window, size, block = 15, 4, 16
+    where = {"dataset_name": str(corpus_dir)} if kind == "row_groups" else \
+        {"train_files": [str(jsonl_file)]}  # one shard: streams split it by document
+    cfg = lambda workers: DataConfig(  # noqa: E731
+        **where, block_size=block, shuffle_window=window,
+        shuffle_buffer_blocks=size, shuffle_readers=3, dataloader_num_workers=workers,
+        validation_split_percentage=0)
+    source = open_source(cfg(0))
+    (n, w), (m, v) = before, after
+    old = [train_loader(cfg(w), tokenizer, 2, seed=5, rank=r, world_size=n, source=source)
+           for r in range(n)]
+    trained = set()
+    for r, loader in enumerate(old):
+        names = consume(loader, 100 + 37 * r)  # ranks stop at different places
+        assert {name[1] for name in names} == {0}, "the test stays within the first pass"
+        for worker in range(max(1, w)):
+            ids = named_documents(loader.blocks, worker, tokenizer)
+            trained |= {ids[name[1:]] for name in names if name[0] == worker}
+    states = [json.loads(json.dumps(loader.state_dict())) for loader in old]  # as saved
+
+    new = [train_loader(cfg(v), tokenizer, 2, seed=5, rank=r, world_size=m, source=source)
+           for r in range(m)]
+    lines = {loader.restore(states) for loader in new}
+    assert len(lines) == 1 and f"is dealt to {m * max(1, v)} stream" in lines.pop()
+    rest = []
+    for loader in new:
+        for worker, state in enumerate(loader.worker_states):
+            assert state["start"]["epoch"] == 0 and state["start"]["plan"] is not None
+            rest += named_documents(loader.blocks, worker, tokenizer, state["start"]).values()
+    assert rest and len(rest) == len(set(rest)), "the rest of the pass is dealt without overlap"
+    assert trained | set(rest) == set(range(240)), "no document is skipped"
+    again = trained & set(rest)
+    streams = sum(max(1, s["num_workers"]) for s in states)
+    bound = streams * (window + size * block)  # a block holds pieces of <= block documents
+    print(f"{before} -> {after}: trained on {len(trained)} documents, {len(rest)} left, "
+          f"{len(again)} read again (bound {bound})")
+    assert len(again) <= bound, (len(again), bound)
+    assert len(again) < len(trained) / 2, "most of what was trained on is not read again"
+    # then every new stream starts the next pass, which the new streams share as usual
+    for loader in new:
+        for worker, state in enumerate(loader.worker_states):
+            docs = loader.blocks.documents(worker, state["start"])
+            assert any(pos["epoch"] == 1 for pos, _ in docs)
+
+
+def test_restore_with_the_same_layout_is_exact(corpus_dir, tokenizer):
+    cfg = DataConfig(dataset_name=str(corpus_dir), block_size=64, shuffle_window=16,
+                     shuffle_buffer_blocks=4, dataloader_num_workers=0)
+    loaders = [train_loader(cfg, tokenizer, 2, seed=0, rank=r, world_size=2) for r in range(2)]
+    heads = [take(loader, 5 + r) for r, loader in enumerate(loaders)]  # noqa: F841
+    states = [loader.state_dict() for loader in loaders]
+    for r in range(2):
+        resumed = train_loader(cfg, tokenizer, 2, seed=0, rank=r, world_size=2)
+        assert resumed.restore(states) is None
+        assert resumed.state_dict() == states[r]
+
+
+def test_exact_resume_within_a_dealt_pass(corpus_dir, tokenizer):
+    """A run moved to another layout and stopped again before the dealt pass ends resumes
+    exactly on the same layout, and its state can be dealt once more."""
+    cfg = DataConfig(dataset_name=str(corpus_dir), block_size=32, shuffle_window=16,
+                     shuffle_buffer_blocks=4, dataloader_num_workers=0,
+                     validation_split_percentage=0)
+    old = [train_loader(cfg, tokenizer, 2, seed=0, rank=r, world_size=2) for r in range(2)]
+    for loader in old:
+        take(loader, 20)
+    moved = train_loader(cfg, tokenizer, 2, seed=0)
+    assert moved.restore([loader.state_dict() for loader in old])
+    take(moved, 15)
+    state = json.loads(json.dumps(moved.state_dict()))
+    assert state["workers"][0]["start"]["plan"], "still in the dealt pass"
+    reference = take(moved, 40)  # into the next pass
+    again = train_loader(cfg, tokenizer, 2, seed=0)
+    assert again.restore([state]) is None
+    for a, b in zip(take(again, 40), reference):
+        assert torch.equal(a, b)
+    # and from the middle of the dealt pass to two processes again
+    twice = [train_loader(cfg, tokenizer, 2, seed=0, rank=r, world_size=2) for r in range(2)]
+    assert all(loader.restore([state]) for loader in twice)
+    plans = [{tuple(i) for reader in lo.worker_states[0]["start"]["plan"] for i in reader}
+             for lo in twice]
+    assert plans[0] and plans[1] and not plans[0] & plans[1]

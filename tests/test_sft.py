@@ -477,3 +477,270 @@ def test_adapters_name_their_base_by_absolute_path(pretrained, monkeypatch):
     lora = sft.add_lora(model, sft.LoraArgs(use_peft=True, lora_r=2, lora_alpha=4))
     base = lora.peft_config["default"].base_model_name_or_path
     assert base == str(pretrained.resolve()), "loadable from any working directory"
+
+
+# ----------------------------------------------------------------------------- another world
+# A checkpoint of N processes resumed on M: each saved rank's unconsumed rest of its epoch is
+# dealt to the new ranks (ExampleLoader.restore). Ranks are simulated in one process: one loader
+# per rank, their states round-tripped through JSON as checkpoint.load_checkpoint reads them.
+
+RESHARD_SEED, PACK_BLOCK = 5, 16
+
+
+def distinct_examples(n=61):
+    """Example i is a run of token i + 1 (pad is 0): any of its tokens names it."""
+    lengths = [3, 9, 4, 12, 2, 7, 5, 16, 6, 8, 3, 11, 2, 5, 9, 4] * 4
+    return [{"input_ids": [i + 1] * k, "labels": [i + 1] * k} for i, k in enumerate(lengths[:n])]
+
+
+def examples_in(batch) -> list[int]:
+    """The examples of a collated batch by their token, in order (packed rows: by segment)."""
+    if "position_ids" not in batch:
+        return [int(x) for x in batch["input_ids"][:, 0]]
+    starts = (batch["position_ids"] == 0) & (batch["attention_mask"] == 1)
+    return [int(x) for x in batch["input_ids"][starts]]
+
+
+def rank_loaders(examples, world, size, packing):
+    return [sft.ExampleLoader(examples, size, 0, RESHARD_SEED, rank=r, world_size=world,
+                              packing_block_size=packing) for r in range(world)]
+
+
+def consume(iterators, k) -> list[int]:
+    """k micro-batches from each rank; the examples they held."""
+    return [i for it in iterators for _ in range(k) for i in examples_in(next(it))]
+
+
+def saved(loaders) -> list[dict]:
+    return json.loads(json.dumps([x.state_dict() for x in loaders]))
+
+
+def dealt(examples, epoch, world) -> set[int]:
+    """The examples `world` ranks are dealt in `epoch` (the loader's own permutation)."""
+    probe = sft.ExampleLoader(examples, 1, 0, RESHARD_SEED, world_size=world)
+    return {i + 1 for r in range(world) for i in probe._order(epoch, r, world)}
+
+
+def tail_bound(world, size, packing) -> int:
+    """The docstring's bound on examples skipped at a (re-dealt) epoch's end: the shares made
+    equal, and on each rank fewer than `size` examples, or packed rows (an example has at
+    least 2 tokens, so a row holds at most PACK_BLOCK / 2)."""
+    return world - 1 + world * (size - 1) * (PACK_BLOCK // 2 if packing else 1)
+
+
+def same_batches(a, b):
+    assert a.keys() == b.keys()
+    for key in a:
+        assert torch.equal(a[key], b[key]), key
+
+
+def finish_rest(loaders, examples, size, packing, next_epoch) -> list[list[int]]:
+    """Each new rank's examples for the rest of the epoch (from its share, each at most as
+    often as it is there); then its next epoch must be a fresh loader's of that rank and world."""
+    from collections import Counter
+
+    got, world = [], len(loaders)
+    for rank, loader in enumerate(loaders):
+        share = Counter(i + 1 for i in loader.state_dict()["rest"])
+        it, n = iter(loader), loader.batches_per_epoch
+        done = loader.state_dict()["batch"]
+        mine = [i for _ in range(n - done) for i in examples_in(next(it))]
+        assert loader.state_dict()["epoch"] == next_epoch - 1
+        assert Counter(mine) <= share
+        left = (share - Counter(mine)).total()  # the rank's tail that fills no micro-batch
+        assert left < size if not packing else left <= (size - 1) * PACK_BLOCK // 2
+        got.append(mine)
+        fresh = sft.ExampleLoader(examples, size, 0, RESHARD_SEED, rank=rank, world_size=world,
+                                  packing_block_size=packing)
+        fresh.load_state_dict({"epoch": next_epoch, "batch": 0})
+        ahead = iter(fresh)
+        for _ in range(fresh.batches_per_epoch):  # the whole next epoch
+            same_batches(next(it), next(ahead))
+        assert "rest" not in loader.state_dict()
+    return got
+
+
+@pytest.mark.parametrize("packing", [None, PACK_BLOCK], ids=["padded", "packed"])
+@pytest.mark.parametrize("before, after, size", [(2, 1, 2), (1, 2, 2), (2, 3, 2),
+                                                 (2, 1, 4), (2, 2, 1)])
+def test_loader_deals_the_rest_of_the_epoch_to_another_number_of_ranks(before, after, size,
+                                                                       packing):
+    examples = distinct_examples()
+    old = rank_loaders(examples, before, 2, packing)
+    consumed = consume([iter(x) for x in old], 2)
+    states = saved(old)
+    assert all(s["epoch"] == 0 and "rest" not in s for s in states)
+    new = rank_loaders(examples, after, size, packing)
+    lines = {x.restore(states) for x in new}
+    epoch = dealt(examples, 0, before)
+    left = len(epoch) - len(consumed)
+    procs = lambda n: f"{n} process{'es' if n != 1 else ''}"  # noqa: E731
+    assert lines == {f"data: the rest of epoch 0 on {procs(before)}, {left} examples, is dealt "
+                     f"to {procs(after)} ({left // after} each); then epoch 1 starts"}
+    shares = [x.state_dict()["rest"] for x in new]
+    assert all(len(s) == left // after for s in shares), "equal shares"
+    flat = [i + 1 for s in shares for i in s]
+    assert len(flat) == len(set(flat)), "the new ranks' rests are disjoint"
+    assert not set(flat) & set(consumed) and set(flat) <= epoch
+    assert len(consumed) + len(flat) > len(epoch) - after, "only the equal-share truncation"
+    got = finish_rest(new, examples, size, packing, next_epoch=1)
+    trained = consumed + [i for mine in got for i in mine]
+    assert len(trained) == len(set(trained)), "no example twice in the epoch"
+    assert set(trained) <= epoch
+    assert len(epoch - set(trained)) <= tail_bound(after, size, packing)
+
+
+@pytest.mark.parametrize("packing", [None, PACK_BLOCK], ids=["padded", "packed"])
+def test_exact_resume_in_the_middle_of_a_dealt_rest(packing):
+    examples = distinct_examples()
+    old = rank_loaders(examples, 2, 2, packing)
+    consume([iter(x) for x in old], 2)
+    new = rank_loaders(examples, 3, 2, packing)
+    for x in new:
+        x.restore(saved(old))
+    its = [iter(x) for x in new]
+    consume(its, 1)
+    middle = saved(new)
+    assert all(s["batch"] == 1 and s["epoch"] == 0 and s["rest"] for s in middle)
+    # through the end of the rest and into the next epoch
+    expected = [[next(it) for _ in range(x.batches_per_epoch + 2)] for x, it in zip(new, its)]
+    again = rank_loaders(examples, 3, 2, packing)
+    assert [x.restore(middle) for x in again] == [None] * 3
+    assert saved(again) == middle
+    for x, want in zip(again, expected):
+        it = iter(x)
+        for batch in want:
+            same_batches(next(it), batch)
+
+
+@pytest.mark.parametrize("packing", [None, PACK_BLOCK], ids=["padded", "packed"])
+@pytest.mark.parametrize("second", [1, 2, 4])
+def test_second_reshard_from_the_middle_of_a_dealt_rest(packing, second):
+    examples = distinct_examples()
+    old = rank_loaders(examples, 2, 2, packing)
+    trained = consume([iter(x) for x in old], 2)
+    middle = rank_loaders(examples, 3, 2, packing)
+    for x in middle:
+        x.restore(saved(old))
+    trained += consume([iter(x) for x in middle], 1)
+    states = saved(middle)
+    new = rank_loaders(examples, second, 2, packing)
+    lines = {x.restore(states) for x in new}
+    assert len(lines) == 1 and lines.pop().startswith("data: the rest of epoch 0 on 3 processes")
+    got = finish_rest(new, examples, 2, packing, next_epoch=1)
+    trained += [i for mine in got for i in mine]
+    epoch = dealt(examples, 0, 2)
+    assert len(trained) == len(set(trained)) and set(trained) <= epoch
+    # the first re-deal's truncation, then the second's tail (each rest's tail is handed on)
+    assert len(epoch - set(trained)) <= 3 - 1 + tail_bound(second, 2, packing)
+
+
+def test_loader_states_of_older_checkpoints_still_load():
+    examples = distinct_examples()
+    old = rank_loaders(examples, 2, 2, None)
+    its = [iter(x) for x in old]
+    consume(its, 3)
+    states = saved(old)
+    assert states[0] == {"epoch": 0, "batch": 3, "batch_size": 2, "seed": 5}
+    bare = [{"epoch": s["epoch"], "batch": s["batch"]} for s in states]  # as saved before
+    again = rank_loaders(examples, 2, 2, None)
+    assert [x.restore(bare) for x in again] == [None, None]
+    for x, it in zip(again, its):
+        mine = iter(x)
+        for _ in range(6):  # into the next epoch
+            same_batches(next(mine), next(it))
+    for world in (1, 3):
+        a, b = rank_loaders(examples, world, 2, None), rank_loaders(examples, world, 2, None)
+        assert [x.restore(bare) for x in a] == [y.restore(states) for y in b]
+        assert saved(a) == saved(b)
+
+
+def test_packed_ranks_in_different_epochs_hand_over_all_they_had_left():
+    """With packing, ranks pack different numbers of rows, so after a while one rank is in
+    the next epoch while another is not: the rest is that of the newest epoch, and the rank
+    behind hands over the rest of its epoch as well as its share of the newest one."""
+    examples = distinct_examples()
+    old = rank_loaders(examples, 2, 1, PACK_BLOCK)
+    its = [iter(x) for x in old]
+    seen = [[], []]  # each rank's (epoch, examples) per micro-batch
+    while len({x.state_dict()["epoch"] for x in old}) == 1:  # in step, as the ranks train
+        for r, it in enumerate(its):
+            batch = examples_in(next(it))
+            seen[r].append((old[r].state_dict()["epoch"], batch))
+    states = saved(old)
+    newest = max(s["epoch"] for s in states)
+    ahead = [s["epoch"] for s in states].index(newest)
+    behind = 1 - ahead
+    assert newest >= 1 and states[behind]["epoch"] == newest - 1
+    new = rank_loaders(examples, 1, 1, PACK_BLOCK)
+    line = new[0].restore(states)
+    assert line.startswith(f"data: the rest of epoch {newest} on 2 processes")
+    rest = [i + 1 for i in new[0].state_dict()["rest"]]
+    trained = lambda r, e: {i for epoch, b in seen[r] if epoch == e for i in b}  # noqa: E731
+    share = lambda e: {i + 1 for i in old[behind]._order(e, behind, 2)}  # noqa: E731
+    # an example twice in the rest only if it is left of both epochs
+    twice = {i for i in rest if rest.count(i) > 1}
+    assert all(rest.count(i) == 2 for i in twice)
+    assert twice == (share(newest - 1) - trained(behind, newest - 1)) & \
+        (dealt(examples, newest, 2) - trained(ahead, newest))
+    # the rank behind: its share of its epoch not trained yet, and all of the newest epoch's
+    assert share(newest - 1) - trained(behind, newest - 1) <= set(rest)
+    assert share(newest) <= set(rest)
+    assert not trained(ahead, newest) & set(rest), "what the rank ahead trained is not repeated"
+    assert len(rest) == len(dealt(examples, newest, 2) - trained(ahead, newest)) + \
+        len(share(newest - 1) - trained(behind, newest - 1))
+    # the rest of the newest epoch, then the epoch after it as a fresh single rank's
+    finish_rest(new, examples, 1, PACK_BLOCK, next_epoch=newest + 1)
+
+
+def world_of(out) -> tuple[int, int]:
+    """The world size a run recorded, and the process group's (the run's own if it had none)."""
+    cfg = yaml.safe_load((out / "run_config.yaml").read_text())
+    return cfg["world_size"], cfg["distributed"].get("torch_world_size", cfg["world_size"])
+
+
+def test_two_process_sft_resumes_on_one_process(tmp_path, pretrained, capsys):
+    import subprocess
+
+    data = write_jsonl(tmp_path / "records.jsonl", records())
+    kw = dict(per_device_train_batch_size=4, max_steps=12, save_steps=6, eval_steps=6,
+              num_samples=0)
+    full = tmp_path / "two"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+           str(ROOT / "finetune" / "run_sft.py"), *sft_args(pretrained, data, full, **kw)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    assert world_of(full) == (2, 2)
+    middle = full / "checkpoints" / "step-6"
+    states = [json.loads((middle / "state" / f"data_rank{r}.json").read_text()) for r in (0, 1)]
+    assert states == [{"epoch": 0, "batch": 6, "batch_size": 4, "seed": 0}] * 2
+
+    # resumed in this process, on 1: the command line keeps the 2-process accumulation
+    capsys.readouterr()
+    moved = tmp_path / "one"
+    run_sft_main(sft_args(pretrained, data, moved, **kw) +
+                 ["--resume_from_checkpoint", str(middle)])
+    out = capsys.readouterr().out
+    assert out.count("--gradient_accumulation_steps 1 -> 2 keeps its global batch of 8") == 1
+    assert out.count("data: the rest of epoch 0 on 2 processes, ") == 1
+    assert "is dealt to 1 process (" in out
+    assert world_of(moved) == (1, 1) and (moved / "model.safetensors").is_file()
+    cfg = {name: yaml.safe_load((o / "run_config.yaml").read_text()) for name, o in
+           (("full", full), ("moved", moved))}
+    assert cfg["moved"]["training"]["gradient_accumulation_steps"] == 2
+    assert cfg["full"]["global_batch_sequences"] == cfg["moved"]["global_batch_sequences"] == 8
+    train = {name: {r["step"]: r for r in metrics(o) if "loss" in r} for name, o in
+             (("full", full), ("moved", moved))}
+    assert sorted(train["moved"]) == list(range(1, 13))  # steps 1-6 carried over
+    # The two ranks saw disjoint data: each step of the rest of epoch 0 took rank 0's 4 and
+    # rank 1's 4 examples, and the one process, dealt what both had left in the epoch's
+    # order, takes the same 8 a step: the same losses and tokens. Then the epochs differ.
+    per_rank = cfg["full"]["train_examples"] // 2
+    last = per_rank // 4  # the last step of epoch 0 for the 2-process run
+    assert last >= 8
+    for step in range(7, last + 1):
+        a, b = train["full"][step], train["moved"][step]
+        assert a["tokens"] == b["tokens"] and b["loss"] == pytest.approx(a["loss"], rel=1e-5)
+    final = {name: [r["eval_loss"] for r in metrics(o) if "eval_loss" in r][-1]
+             for name, o in (("full", full), ("moved", moved))}
+    assert abs(final["moved"] - final["full"]) <= 0.01 * final["full"], final
