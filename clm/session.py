@@ -56,12 +56,13 @@ def fit_to_world(resume: Path | None, train_cfg: TrainingConfig, reshardable: bo
             f"sequences is not a multiple of --per_device_train_batch_size {micro} x {world} "
             f"processes ({fix})")
     accum = sequences // (micro * world)
+    given = train_cfg.gradient_accumulation_steps
+    change = f"{given} -> {accum}" if accum != given else f"stays {accum}"
     if runtime.launch_rank() == 0:
         log(f"resuming a {before}-process checkpoint on {world} process"
-            f"{'es' if world > 1 else ''}: "
-            f"--gradient_accumulation_steps {train_cfg.gradient_accumulation_steps} -> {accum} "
-            f"keeps its global batch of {sequences} sequences, "
-            f"{sequences * saved['block_size']:,} tokens ({micro} per process x {accum} x {world})")
+            f"{'es' if world > 1 else ''}: --gradient_accumulation_steps {change} keeps its "
+            f"global batch of {sequences} sequences, {sequences * saved['block_size']:,} tokens "
+            f"({micro} per process x {accum} x {world})")
     train_cfg.gradient_accumulation_steps = accum
 
 

@@ -142,3 +142,33 @@ def test_one_process_checkpoint_continues_on_two(tmp_path, corpus_dir, tokenizer
     a, b = final_eval(full), final_eval(moved)
     print(f"ddp 1 -> 2: final eval loss {a:.4f} uninterrupted, {b:.4f} moved ({(b - a) / a:+.2%})")
     assert abs(b - a) <= 0.01 * a, (a, b)
+
+
+def test_fit_to_world_keeps_the_global_batch(tmp_path, monkeypatch):
+    from clm import checkpoint as ckpt, session
+    from clm.config import TrainingConfig
+
+    (tmp_path / "trainer_state.json").write_text(json.dumps(
+        {"fingerprint": {"world_size": 2, "global_batch": 16, "block_size": 32}}))
+    lines = []
+
+    def fit(world, micro, accum, **kw):
+        monkeypatch.setenv("WORLD_SIZE", str(world))
+        cfg = TrainingConfig(output_dir=str(tmp_path / "out"), per_device_train_batch_size=micro,
+                             gradient_accumulation_steps=accum)
+        session.fit_to_world(tmp_path, cfg, log=lines.append, **kw)
+        return cfg.gradient_accumulation_steps
+
+    assert fit(2, 4, 3) == 3 and not lines, "the same world: the fingerprint check decides"
+    assert fit(1, 4, 2) == 4 and "--gradient_accumulation_steps 2 -> 4 keeps its global batch " \
+        "of 16 sequences, 512 tokens (4 per process x 4 x 1)" in lines[-1]
+    assert fit(4, 2, 2) == 2 and "--gradient_accumulation_steps stays 2" in lines[-1]
+    with pytest.raises(ckpt.CheckpointError, match=r"global batch of 16 sequences is not a "
+                       r"multiple of --per_device_train_batch_size 3 x 4 processes \(pass "
+                       r"--per_device_train_batch_size 1 or 2 or 4\)"):
+        fit(4, 3, 1)
+    with pytest.raises(ckpt.CheckpointError, match=r"on 3 processes: its global batch of 16 .* "
+                       r"\(use a number of processes that divides 16\)"):
+        fit(3, 1, 1)
+    with pytest.raises(ckpt.CheckpointError, match=r"resume with 2 processes"):
+        fit(1, 4, 2, reshardable=False)
