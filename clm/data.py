@@ -583,7 +583,7 @@ class BlockLoader:
         loader = torch.utils.data.DataLoader(
             self.blocks, batch_size=None, num_workers=workers, pin_memory=self.pin_memory,
             prefetch_factor=self.prefetch_factor if workers else None,
-            worker_init_fn=_ignore_sigint)
+            worker_init_fn=_ignore_stop_signals)
         for batch in loader:
             state = batch.pop("_state")
             self.documents_seen += batch.pop("_documents")
@@ -596,12 +596,15 @@ def _n(count: int, noun: str) -> str:
     return f"{count} {noun}" + ("" if count == 1 else "es" if noun.endswith("s") else "s")
 
 
-def _ignore_sigint(_worker_id: int) -> None:
-    # Ctrl-C reaches the whole process group; the main process handles it (finish the step,
-    # checkpoint, exit), and workers that died on it would fail that last step.
+def _ignore_stop_signals(_worker_id: int) -> None:
+    # Ctrl-C, and Slurm's SIGTERM before a time limit or preemption, reach the whole process
+    # group; the main process handles them (finish the step, checkpoint, exit), and workers
+    # that died on them would fail that last step. Workers still end with the main process
+    # (the DataLoader shuts them down, and they exit when their parent is gone).
     import signal
 
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
 
 
 # ----------------------------------------------------------------------------- entry points

@@ -85,10 +85,12 @@ def test_sigkill_after_checkpoint_then_resume_twice(tmp_path, args_for, referenc
 
 def test_sigterm_saves_exits_0_and_continues_identically(tmp_path, args_for, reference):
     out = tmp_path / "run"
+    # its own process group, signalled whole, as Slurm and Ctrl-C do: the 2 DataLoader workers
+    # get SIGTERM too, and must leave the stop to the main process
     proc = subprocess.Popen(script(args_for(out, save_steps=0)), stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True)
+                            stderr=subprocess.PIPE, text=True, start_new_session=True)
     wait_for(lambda: (out / "metrics.jsonl").exists() and len(losses(out)) >= 5, proc)
-    proc.send_signal(signal.SIGTERM)
+    os.killpg(proc.pid, signal.SIGTERM)
     stdout, stderr = proc.communicate(timeout=120)
     assert proc.returncode == 0, stderr[-3000:]
     step = max(losses(out))
