@@ -464,7 +464,8 @@ def test_restore_with_the_same_layout_is_exact(corpus_dir, tokenizer):
     cfg = DataConfig(dataset_name=str(corpus_dir), block_size=64, shuffle_window=16,
                      shuffle_buffer_blocks=4, dataloader_num_workers=0)
     loaders = [train_loader(cfg, tokenizer, 2, seed=0, rank=r, world_size=2) for r in range(2)]
-    heads = [take(loader, 5 + r) for r, loader in enumerate(loaders)]  # noqa: F841
+    for r, loader in enumerate(loaders):
+        take(loader, 5 + r)
     states = [loader.state_dict() for loader in loaders]
     for r in range(2):
         resumed = train_loader(cfg, tokenizer, 2, seed=0, rank=r, world_size=2)
