@@ -25,6 +25,27 @@ def toy_args(corpus_dir, tokenizer_dir, toy_config_dir, out, **overrides):
     return [x for k, v in args.items() for x in (f"--{k}", str(v))]
 
 
+def torchrun(cwd, script, args, nproc: int = 2) -> str:
+    """`script` (a path under the repository) under torchrun: a real gloo process group of
+    `nproc` processes. Returns stdout; fails the test with stderr's tail if it exits non-zero."""
+    import subprocess
+    import sys
+
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node",
+           str(nproc), str(ROOT / script), *map(str, args)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, cwd=cwd)
+    assert proc.returncode == 0, f"exit {proc.returncode}\n{proc.stdout[-1500:]}\n{proc.stderr[-4000:]}"
+    return proc.stdout
+
+
+def world_of(out) -> tuple[int, int]:
+    """The world size a run recorded, and the process group's (the run's own if it had none)."""
+    import yaml
+
+    cfg = yaml.safe_load((Path(out) / "run_config.yaml").read_text())
+    return cfg["world_size"], cfg["distributed"].get("torch_world_size", cfg["world_size"])
+
+
 def run(argv):
     """train_clm.py in this process (the real main, through the real CLI parser)."""
     return run_cli(train_clm.main, TYPES, argv)
@@ -54,11 +75,9 @@ def assert_same_training(a, b, **schedule):
     learning_rate, min_lr), which bound how far Adam can carry a rounding difference.
     """
     import pytest
-    import torch
     from safetensors.torch import load_file
 
     from clm.config import TrainingConfig
-    from clm.loop import lr_at
 
     ra, rb = metrics(a), metrics(b)
     train = lambda rs: [r for r in rs if "loss" in r]  # noqa: E731

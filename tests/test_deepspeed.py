@@ -19,12 +19,9 @@ from safetensors.torch import load_file
 from clm import export, runtime
 from clm.config import TrainingConfig, UsageError
 from helpers import (ROOT, assert_export_is_the_model, assert_same_records,
-                     assert_same_training, logits, metrics, run, toy_args)
+                     assert_same_training, logits, metrics, run, torchrun, toy_args)
 
 DS_FILES = sorted((ROOT / "ds_configs").glob("*.json"))
-TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
-
-
 def train_cfg(**kw):
     base = dict(output_dir="x", per_device_train_batch_size=4, gradient_accumulation_steps=2,
                 max_grad_norm=0.5)
@@ -134,9 +131,7 @@ def test_zero3_two_processes_match_ddp_resume_and_export(tmp_path, corpus_dir, t
                         ("ddp", [])):
         out = outs[name] = tmp_path / name
         args = toy_args(corpus_dir, tokenizer_dir, toy_config_dir, out, **kw) + extra
-        proc = subprocess.run([*TORCHRUN, str(ROOT / "train_clm.py"), *args], cwd=tmp_path,
-                              capture_output=True, text=True, timeout=600)
-        assert proc.returncode == 0, proc.stderr[-4000:]
+        torchrun(tmp_path, "train_clm.py", args)
     z3, ddp = outs["zero3"], outs["ddp"]
     dist = yaml.safe_load((z3 / "run_config.yaml").read_text())["distributed"]
     assert dist["type"] == "DEEPSPEED" and dist["zero_stage"] == 3
@@ -171,10 +166,8 @@ def test_zero3_two_processes_match_ddp_resume_and_export(tmp_path, corpus_dir, t
     args = toy_args(corpus_dir, tokenizer_dir, toy_config_dir, resumed, **kw) + [
         "--deepspeed", str(ROOT / "ds_configs" / "zero3.json"), "--resume_from_checkpoint",
         "latest"]
-    proc = subprocess.run([*TORCHRUN, str(ROOT / "train_clm.py"), *args], cwd=tmp_path,
-                          capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stderr[-4000:]
-    assert "resumed from" in proc.stdout and "at step 2" in proc.stdout
+    printed = torchrun(tmp_path, "train_clm.py", args)
+    assert "resumed from" in printed and "at step 2" in printed
     assert_same_records(metrics(resumed), metrics(z3))
     assert_same_training(resumed, z3, max_steps=4, warmup_steps=2, learning_rate=3e-3,
                          min_lr=3e-4)

@@ -3,8 +3,6 @@ sharded checkpoints with exact resume, the HF folder gathered in full, export fr
 
 import json
 import shutil
-import subprocess
-import sys
 
 import pytest
 import torch
@@ -14,18 +12,8 @@ from safetensors.torch import load_file
 from clm import runtime
 from clm.backend import FSDPBackend, backend_of
 from clm.config import TrainingConfig, UsageError
-from helpers import (ROOT, assert_export_is_the_model, assert_same_records,
-                     assert_same_training, metrics, toy_args)
-
-TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
-
-
-def launch(tmp_path, args):
-    proc = subprocess.run([*TORCHRUN, str(ROOT / "train_clm.py"), *args], cwd=tmp_path,
-                          capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stderr[-4000:]
-    return proc
-
+from helpers import (ROOT, assert_export_is_the_model, assert_same_records, assert_same_training,
+                     metrics, torchrun, toy_args)
 
 def test_fsdp_two_processes_match_ddp_resume_and_export(tmp_path, corpus_dir, tokenizer_dir,
                                                         toy_config_dir):
@@ -34,8 +22,8 @@ def test_fsdp_two_processes_match_ddp_resume_and_export(tmp_path, corpus_dir, to
     outs = {}
     for name, extra in (("fsdp", ["--fsdp", "full_shard"]), ("ddp", [])):
         outs[name] = tmp_path / name
-        launch(tmp_path, toy_args(corpus_dir, tokenizer_dir, toy_config_dir, outs[name], **kw)
-               + extra)
+        torchrun(tmp_path, "train_clm.py",
+                 toy_args(corpus_dir, tokenizer_dir, toy_config_dir, outs[name], **kw) + extra)
     fsdp, ddp = outs["fsdp"], outs["ddp"]
     dist = yaml.safe_load((fsdp / "run_config.yaml").read_text())["distributed"]
     assert dist["fsdp"] == "full_shard" and dist["fsdp_version"] == 2
@@ -67,9 +55,10 @@ def test_fsdp_two_processes_match_ddp_resume_and_export(tmp_path, corpus_dir, to
     resumed = tmp_path / "resumed"
     shutil.copytree(fsdp, resumed)
     shutil.rmtree(resumed / "checkpoints" / "step-4")
-    proc = launch(tmp_path, toy_args(corpus_dir, tokenizer_dir, toy_config_dir, resumed, **kw)
-                  + ["--fsdp", "full_shard", "--resume_from_checkpoint", "latest"])
-    assert "resumed from" in proc.stdout and "at step 2" in proc.stdout
+    printed = torchrun(tmp_path, "train_clm.py",
+                       toy_args(corpus_dir, tokenizer_dir, toy_config_dir, resumed, **kw)
+                       + ["--fsdp", "full_shard", "--resume_from_checkpoint", "latest"])
+    assert "resumed from" in printed and "at step 2" in printed
     assert_same_records(metrics(resumed), metrics(fsdp))
     assert_same_training(resumed, fsdp, max_steps=4, warmup_steps=2, learning_rate=3e-3,
                          min_lr=3e-4)

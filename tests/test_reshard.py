@@ -5,33 +5,17 @@ dealt again; the final held-out loss is within 1% of the uninterrupted run's. Al
 number of DataLoader workers."""
 
 import json
-import subprocess
-import sys
 
 import pytest
 import yaml
 
-from helpers import ROOT, metrics, run, toy_args
+from helpers import ROOT, metrics, run, torchrun, toy_args, world_of
 
 STEPS, HALF = 40, 20
 
 
-def launch(tmp_path, nproc: int, args) -> str:
-    """train_clm.py under torchrun (real gloo process group) with `nproc` processes."""
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node",
-           str(nproc), str(ROOT / "train_clm.py"), *args]
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, cwd=tmp_path)
-    assert proc.returncode == 0, proc.stderr[-4000:]
-    return proc.stdout
-
-
 def final_eval(out) -> float:
     return [r for r in metrics(out) if "eval_loss" in r][-1]["eval_loss"]
-
-
-def world_of(out) -> tuple[int, int]:
-    cfg = yaml.safe_load((out / "run_config.yaml").read_text())
-    return cfg["world_size"], cfg["distributed"].get("torch_world_size", cfg["world_size"])
 
 
 def plan_items(state: dict) -> list[tuple]:
@@ -83,7 +67,7 @@ def test_resume_on_another_number_of_processes(tmp_path, corpus_dir, tokenizer_d
             capsys.readouterr()
             run(args)
             return capsys.readouterr().out
-        return launch(tmp_path, nproc, args)
+        return torchrun(tmp_path, "train_clm.py", args, nproc)
 
     full, one, two = tmp_path / "uninterrupted", tmp_path / "on1", tmp_path / "on2"
     start(full, 2, save_steps=HALF, gradient_accumulation_steps=1)
@@ -135,7 +119,7 @@ def test_one_process_checkpoint_continues_on_two(tmp_path, corpus_dir, tokenizer
               shuffle_buffer_blocks=16)
     full, moved = tmp_path / "uninterrupted", tmp_path / "on2"
     run(toy_args(corpus_dir, tokenizer_dir, toy_config_dir, full, save_steps=HALF, **kw))
-    printed = launch(tmp_path, 2, toy_args(
+    printed = torchrun(tmp_path, "train_clm.py", toy_args(
         corpus_dir, tokenizer_dir, toy_config_dir, moved, save_steps=STEPS,
         resume_from_checkpoint=full / "checkpoints" / f"step-{HALF}", **kw))
     check_moved(moved, printed, 1, 2)

@@ -13,7 +13,7 @@ from clm import sft
 from clm.config import ModelConfig, TrainingConfig, parse_config, run_cli
 from clm.corpus import build_sft_records
 from clm.task_eval import GenerationEvalConfig
-from helpers import ROOT, assert_same_records, metrics, run, toy_args
+from helpers import ROOT, assert_same_records, metrics, run, torchrun, toy_args, world_of
 
 sys.path.insert(0, str(ROOT / "finetune"))
 import run_sft  # noqa: E402
@@ -395,18 +395,13 @@ def test_sft_demo_yaml_parses():
 
 
 def test_two_process_sft_deals_each_global_batch_across_ranks(tmp_path, pretrained):
-    import subprocess
-
     data = write_jsonl(tmp_path / "records.jsonl", records())
     kw = dict(max_steps=4, eval_steps=4, num_samples=0)
     one = tmp_path / "one"
     run_sft_main(sft_args(pretrained, data, one, per_device_train_batch_size=8, **kw))
     two = tmp_path / "two"
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-           str(ROOT / "finetune" / "run_sft.py"),
-           *sft_args(pretrained, data, two, per_device_train_batch_size=4, **kw)]
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, cwd=tmp_path)
-    assert proc.returncode == 0, proc.stderr[-4000:]
+    torchrun(tmp_path, "finetune/run_sft.py",
+             sft_args(pretrained, data, two, per_device_train_batch_size=4, **kw))
     dist = yaml.safe_load((two / "run_config.yaml").read_text())["distributed"]
     assert dist["accelerate_num_processes"] == dist["torch_world_size"] == 2
     # each step's 8 examples are split 4 + 4 over the ranks, with no example on both: the
@@ -693,23 +688,12 @@ def test_packed_ranks_in_different_epochs_hand_over_all_they_had_left():
     finish_rest(new, examples, 1, PACK_BLOCK, next_epoch=newest + 1)
 
 
-def world_of(out) -> tuple[int, int]:
-    """The world size a run recorded, and the process group's (the run's own if it had none)."""
-    cfg = yaml.safe_load((out / "run_config.yaml").read_text())
-    return cfg["world_size"], cfg["distributed"].get("torch_world_size", cfg["world_size"])
-
-
 def test_two_process_sft_resumes_on_one_process(tmp_path, pretrained, capsys):
-    import subprocess
-
     data = write_jsonl(tmp_path / "records.jsonl", records())
     kw = dict(per_device_train_batch_size=4, max_steps=12, save_steps=6, eval_steps=6,
               num_samples=0)
     full = tmp_path / "two"
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-           str(ROOT / "finetune" / "run_sft.py"), *sft_args(pretrained, data, full, **kw)]
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, cwd=tmp_path)
-    assert proc.returncode == 0, proc.stderr[-4000:]
+    torchrun(tmp_path, "finetune/run_sft.py", sft_args(pretrained, data, full, **kw))
     assert world_of(full) == (2, 2)
     middle = full / "checkpoints" / "step-6"
     states = [json.loads((middle / "state" / f"data_rank{r}.json").read_text()) for r in (0, 1)]

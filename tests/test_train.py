@@ -11,7 +11,8 @@ import yaml
 
 from clm import loop
 from clm.config import ModelConfig, TrainingConfig, parse_config
-from helpers import ROOT, TYPES, assert_same_weights, metrics, reset_accelerate, run, toy_args
+from helpers import (ROOT, TYPES, assert_same_weights, metrics, reset_accelerate, run, torchrun,
+                     toy_args)
 
 
 def test_end_to_end_outputs_and_pipeline(tmp_path, corpus_dir, tokenizer_dir, toy_config_dir):
@@ -79,10 +80,7 @@ def test_two_process_ddp_run(tmp_path, corpus_dir, tokenizer_dir, toy_config_dir
     # run out (unevenly) and must cycle on without hanging.
     args = toy_args(corpus_dir, tokenizer_dir, toy_config_dir, out, max_steps=150,
                     eval_steps=75, logging_steps=25, num_samples=1, dataloader_num_workers=1)
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node",
-           "2", str(ROOT / "train_clm.py"), *args]
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, cwd=tmp_path)
-    assert proc.returncode == 0, proc.stderr[-4000:]
+    printed = torchrun(tmp_path, "train_clm.py", args)
     cfg = yaml.safe_load((out / "run_config.yaml").read_text())
     assert cfg["world_size"] == 2 and cfg["global_batch_sequences"] == 8
     records = metrics(out)
@@ -92,7 +90,7 @@ def test_two_process_ddp_run(tmp_path, corpus_dir, tokenizer_dir, toy_config_dir
     evals = [r for r in records if "eval_loss" in r]
     assert [r["step"] for r in evals] == [0, 75, 150]
     assert evals[-1]["eval_loss"] < evals[0]["eval_loss"]
-    assert proc.stdout.count("final eval loss") == 1, "only rank 0 reports"
+    assert printed.count("final eval loss") == 1, "only rank 0 reports"
     written = sorted(p.name for p in out.iterdir())
     assert ".model.tmp" not in written
 
