@@ -244,5 +244,9 @@ class Session:
               f"print(pipeline('text-generation', '{self.out}')('The')[0]['generated_text'])\"")
 
     def _close(self) -> None:
-        self.accelerator.end_training()
+        # Barrier first: Accelerate's end_training destroys the process group without one, so a
+        # rank that got there while rank 0 was still writing the final folder tore its gloo
+        # group down under a live peer and aborted ("terminate called without an active
+        # exception", exit -6, seen 2 times in ~10 two-process suites) after all was written.
         runtime.close_distributed()
+        self.accelerator.end_training()
