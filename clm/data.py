@@ -36,6 +36,7 @@ length is set by `max_steps`, not by the data.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import dataclasses
 import functools
@@ -269,13 +270,35 @@ def stream_plan(order: list[int], stream: int, streams: int, readers: int) -> li
 
     Whole shards, dealt round-robin, when there are enough for every stream (split over up to
     `readers` readers); else every `streams`-th document of every shard, the phase rotating
-    from shard to shard so that small shards do not all feed the same streams.
+    from shard to shard so that small shards do not all feed the same streams (each shard is
+    then decoded by every stream: `few_shards_warning` says so at start-up).
     """
     if len(order) >= streams:
         mine = order[stream::streams]
         readers = max(1, min(readers, len(mine)))
         return [[[g, 0, 1] for g in mine[j::readers]] for j in range(readers)]
     return [[[g, (stream + c) % streams, streams] for c, g in enumerate(order)]]
+
+
+def few_shards_warning(num_shards: int, world_size: int, num_workers: int) -> Optional[str]:
+    """A line for the user when the training data has fewer shards than streams, else None.
+
+    Then every stream reads every shard and keeps every k-th document (`stream_plan`), so
+    each shard is decoded once per stream. Sharing fewer shards between fewer streams each
+    would decode less, but a stream whose shards are smaller than its share would get no
+    document, and one .txt/.jsonl file cannot be split into pieces to read apart: the fix is
+    more shards (more, smaller files or parquet row groups) or fewer streams.
+    """
+    streams = world_size * max(1, num_workers)
+    if num_shards >= streams:
+        return None
+    fix = [f"split the data into at least {streams} files or parquet row groups"]
+    if num_shards >= world_size and num_workers > 1:
+        fix.insert(0, f"pass --dataloader_num_workers {num_shards // world_size}")
+    return (f"warning: the training data has {_n(num_shards, 'shard')} for {streams} streams "
+            f"({_n(world_size, 'process')} x {_n(max(1, num_workers), 'stream')} each), so "
+            f"every stream decodes all of it and keeps 1 document in {streams} "
+            f"({' or '.join(fix)})")
 
 
 def remaining_items(plan: list[list], positions: list) -> list[list]:
@@ -577,6 +600,12 @@ class BlockLoader:
                 "next pass starts")
 
     def __iter__(self):
+        batches = self._stream()
+        if self.blocks.spec.num_workers:
+            _close_at_exit(batches)
+        return batches
+
+    def _stream(self):
         workers = self.blocks.spec.num_workers
         self.blocks.resume_states = copy.deepcopy(self.worker_states)
         self.blocks.worker_offset = self.batches % max(1, workers)
@@ -584,12 +613,16 @@ class BlockLoader:
             self.blocks, batch_size=None, num_workers=workers, pin_memory=self.pin_memory,
             prefetch_factor=self.prefetch_factor if workers else None,
             worker_init_fn=_ignore_stop_signals)
-        for batch in loader:
-            state = batch.pop("_state")
-            self.documents_seen += batch.pop("_documents")
-            self.worker_states[state["worker"]] = state
-            self.batches += 1
-            yield batch
+        batches = iter(loader)  # the workers start here
+        try:
+            for batch in batches:
+                state = batch.pop("_state")
+                self.documents_seen += batch.pop("_documents")
+                self.worker_states[state["worker"]] = state
+                self.batches += 1
+                yield batch
+        finally:  # closed (loop.train does on every way out) or failed: no worker outlives it
+            _stop_workers(batches)
 
 
 def _n(count: int, noun: str) -> str:
@@ -599,12 +632,62 @@ def _n(count: int, noun: str) -> str:
 def _ignore_stop_signals(_worker_id: int) -> None:
     # Ctrl-C, and Slurm's SIGTERM before a time limit or preemption, reach the whole process
     # group; the main process handles them (finish the step, checkpoint, exit), and workers
-    # that died on them would fail that last step. Workers still end with the main process
-    # (the DataLoader shuts them down, and they exit when their parent is gone).
+    # that died on them would fail that last step. So workers outlive a plain SIGTERM, which
+    # is how both torch (a worker that does not stop when told) and multiprocessing (daemon
+    # children at interpreter exit, then joined: a hang) end them; `_stop_workers` ends them
+    # instead, when the stream is closed or at exit (`_close_at_exit`). If the main process is
+    # killed, they exit when they see their parent gone (torch's watchdog).
     import signal
 
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
+
+
+def _stop_workers(batches) -> None:
+    """End a DataLoader iterator's workers now: torch's shutdown tells them to exit (an idle
+    worker does at once), then those still running are killed, since the SIGTERM torch would
+    send them is ignored. Nothing to do without workers."""
+    shutdown = getattr(batches, "_shutdown_workers", None)  # torch's own, also run by __del__
+    if shutdown is not None:
+        shutdown()
+    for worker in getattr(batches, "_workers", ()):
+        if worker.is_alive():
+            worker.kill()
+            worker.join(timeout=10)
+
+
+_OPEN_STREAMS = None  # BlockLoader streams with workers, not closed yet (a WeakSet, when needed)
+
+
+def _close_at_exit(stream) -> None:
+    """Close `stream` (which stops its workers) at interpreter exit if nothing closed it.
+
+    The safety net for a way out that never closed it (an error whose traceback keeps its
+    frame alive): at exit, multiprocessing SIGTERMs its daemon children and joins them, and
+    ours ignore SIGTERM, so the process would hang there forever. The hook is registered with
+    atexit after multiprocessing's own (imported first), so it runs before it, while torch's
+    shutdown still works; and as a multiprocessing finalizer, which runs inside
+    multiprocessing's exit function before it ends the children, whatever the order.
+    """
+    global _OPEN_STREAMS
+    if _OPEN_STREAMS is None:
+        import atexit
+        import multiprocessing.util
+        import weakref
+
+        _OPEN_STREAMS = weakref.WeakSet()
+        atexit.register(_close_open_streams)
+        multiprocessing.util.Finalize(None, _close_open_streams, exitpriority=100)
+    _OPEN_STREAMS.add(stream)
+
+
+def _close_open_streams() -> None:
+    for stream in list(_OPEN_STREAMS):
+        _OPEN_STREAMS.discard(stream)
+        try:
+            stream.close()
+        except Exception:  # torch's SIGCHLD handler calls a worker killed here a failure,
+            pass           # once torch's own shutdown is off at exit: it is gone, as meant
 
 
 # ----------------------------------------------------------------------------- entry points
@@ -623,10 +706,17 @@ def train_loader(cfg: DataConfig, tokenizer, batch_size: int, seed: int, rank: i
     return BlockLoader(blocks, pin_memory=torch.cuda.is_available())
 
 
-def validation_blocks(cfg: DataConfig, tokenizer, source=None) -> Optional[torch.Tensor]:
+def validation_blocks(cfg: DataConfig, tokenizer, source=None, rank: int = 0,
+                      world_size: int = 1) -> Optional[torch.Tensor]:
     """The whole held-out set as a [num_blocks, block_size] tensor, identical on every rank.
 
-    Read in stream order (no shuffle) so it never changes between runs; None when there is none.
+    Its tokens are those of the held-out documents in stream order (the shards in order, no
+    shuffle), packed, and cut at --validation_split_tokens (carved or a dataset's split; files
+    are used in full): the same set whatever the number of processes, so evaluation losses
+    compare across runs, world sizes and resumes. The `world_size` processes (all of them call
+    this, with their `rank`) read the shards side by side and share what they found
+    (`_heldout_tokens`), so each reads about 1/world_size of what the set needs. None when there
+    is no held-out set.
     """
     kind = heldout_source(cfg)
     if kind is None:
@@ -635,18 +725,79 @@ def validation_blocks(cfg: DataConfig, tokenizer, source=None) -> Optional[torch
         source = open_source(cfg, "train") if source is None else source
     else:
         source = open_source(cfg, "validation")
-    limit = None if kind == "files" else cfg.validation_split_tokens // cfg.block_size
+    block = cfg.block_size
+    need = None if kind == "files" else cfg.validation_split_tokens // block * block
     spec = StreamSpec(shuffle=False, infinite=False, window=cfg.shuffle_window,
                       select="heldout" if kind == "carve" else "all",
                       heldout_percentage=cfg.validation_split_percentage)
-    blocks = PackedBlocks(source, tokenizer, cfg.block_size, 1, spec, cfg.text_column)
-    out = []
-    for block, _, _ in blocks.blocks(0):
-        if limit is not None and len(out) >= limit:
-            break
-        out.append(block)
-    if not out:
+    blocks = PackedBlocks(source, tokenizer, block, 1, spec, cfg.text_column)
+    tokens, read = _heldout_tokens(blocks, need, rank, world_size) if need != 0 else \
+        (np.zeros(0, np.int32), 0)
+    n = len(tokens) // block
+    if not n:
         raise UsageError(f"the held-out set ({kind}) has fewer than --block_size "
-                         f"{cfg.block_size} tokens (raise --validation_split_tokens or "
+                         f"{block} tokens (raise --validation_split_tokens or "
                          "--validation_split_percentage, or pass --validation_files)")
-    return torch.from_numpy(np.stack(out)).long()
+    if rank == 0:
+        print(f"held-out set: {n:,} blocks of {block} tokens from {read} of "
+              f"{_n(source.num_shards, 'shard')}, read by {_n(world_size, 'process')}")
+    return torch.from_numpy(tokens[:n * block].reshape(n, block)).long()
+
+
+def _heldout_tokens(blocks: PackedBlocks, need: Optional[int], rank: int,
+                    world_size: int) -> tuple[np.ndarray, int]:
+    """The first `need` tokens (all if None) of the documents `blocks` selects, in order over
+    its source's shards in order, and how many shards were read, by `world_size` processes.
+
+    In rounds of one shard per process (rank r reads shards r, r + world_size, ...); after each
+    round the processes exchange how many tokens each shard held and stop as soon as the shards
+    so far hold `need`. Then each sends the part of its shards that the set uses, and all put
+    them together in shard order: the sequential result, read in parallel.
+    """
+    shards = blocks.source.num_shards
+    mine: dict[int, np.ndarray] = {}
+    sizes: list[int] = []  # tokens of each shard read so far, in shard order
+    for first in range(0, shards, world_size):
+        shard, count = first + rank, None
+        if shard < shards:
+            # No shard contributes more than what the earlier rounds left to find.
+            cap = None if need is None else need - sum(sizes)
+            mine[shard] = _shard_tokens(blocks, shard, cap)
+            count = len(mine[shard])
+        sizes += [c for c in _all_gather(count, world_size) if c is not None]
+        if need is not None and sum(sizes) >= need:
+            break
+    used = {}
+    for shard, tokens in mine.items():
+        before = sum(sizes[:shard])
+        used[shard] = tokens if need is None else tokens[:max(0, need - before)]
+    parts = {}
+    for part in _all_gather(used, world_size):
+        parts.update(part)
+    return (np.concatenate([parts[g] for g in sorted(parts)]) if parts else
+            np.zeros(0, np.int32)), len(sizes)
+
+
+def _shard_tokens(blocks: PackedBlocks, shard: int, cap: Optional[int]) -> np.ndarray:
+    """The tokens of the selected documents of one shard, in order; reading stops once there
+    are `cap` (a long single-file shard is not read to its end for a small set)."""
+    out, have = [], 0
+    with contextlib.closing(blocks._open_item([shard, 0, 1], 0)) as batches:
+        for texts in batches:
+            texts = [t for t in texts if blocks._keep(t)]
+            for lo in range(0, len(texts), TOKENIZE_CHUNK):
+                encoded = encode(blocks.tokenizer, texts[lo:lo + TOKENIZE_CHUNK])
+                out += encoded
+                have += sum(len(t) for t in encoded)
+                if cap is not None and have >= cap:
+                    return np.concatenate(out)
+    return np.concatenate(out) if out else np.zeros(0, np.int32)
+
+
+def _all_gather(obj, world_size: int) -> list:
+    """`obj` from every process of the default process group, in rank order ([obj] on one)."""
+    if world_size == 1:
+        return [obj]
+    out = [None] * world_size
+    torch.distributed.all_gather_object(out, obj)
+    return out

@@ -123,6 +123,26 @@ def test_ranks_and_workers_are_disjoint_and_complete(corpus_dir, jsonl_file, tok
     assert set(flat) == set(range(240)), "together the streams cover the data"
 
 
+def test_fewer_shards_than_streams_is_told_once_at_start(tmp_path, jsonl_file, corpus_dir,
+                                                        tokenizer_dir, toy_config_dir, capsys):
+    from clm.data import few_shards_warning
+    from helpers import run, toy_args
+
+    assert few_shards_warning(12, 2, 6) is None and few_shards_warning(12, 12, 0) is None
+    assert few_shards_warning(3, 1, 4) == (
+        "warning: the training data has 3 shards for 4 streams (1 process x 4 streams each), "
+        "so every stream decodes all of it and keeps 1 document in 4 (pass "
+        "--dataloader_num_workers 3 or split the data into at least 4 files or parquet row "
+        "groups)")
+    assert "--dataloader_num_workers" not in few_shards_warning(3, 4, 0)
+    run(toy_args(corpus_dir, tokenizer_dir, toy_config_dir, tmp_path / "out", max_steps=1,
+                 eval_steps=1, train_files=jsonl_file, dataloader_num_workers=2))
+    out = capsys.readouterr().out.splitlines()
+    assert [line for line in out if line.startswith("warning:")] == [
+        few_shards_warning(1, 1, 2)]
+    assert any(line.startswith("held-out set:") for line in out)
+
+
 def epochs_of_stream(source, tokenizer, epochs: int, **spec) -> list[list[int]]:
     """Document indices of the first `epochs` epochs of one endless stream, by epoch."""
     blocks = PackedBlocks(source, tokenizer, 16, 1, StreamSpec(infinite=True, **spec))
