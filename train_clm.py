@@ -60,7 +60,11 @@ def main(data_cfg: DataConfig, model_cfg: ModelConfig, train_cfg: TrainingConfig
     if batches is None:
         batches = data.train_loader(data_cfg, tokenizer, train_cfg.per_device_train_batch_size,
                                     train_cfg.seed, rank, world, source)
-    heldout = data.validation_blocks(data_cfg, tokenizer, source)
+        warning = data.few_shards_warning(source.num_shards, world,
+                                          data_cfg.dataloader_num_workers)
+        if warning and rank == 0:
+            print(warning)
+    heldout = data.validation_blocks(data_cfg, tokenizer, source, rank, world)
 
     # --- the run itself: the same for pretraining and finetuning
     run = outputs.resolved_config({"data": data_cfg, "model": model_cfg, "training": train_cfg,

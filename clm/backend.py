@@ -30,11 +30,23 @@ import math
 import os
 from contextlib import nullcontext
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 
 from .config import UsageError, first_line
 from .runtime import dist_info
+
+class StepResult(NamedTuple):
+    """What an optimizer step reports, read from the device in its one host sync."""
+
+    nll: float          # summed NLL of the step's label tokens, all ranks
+    labels: int         # label tokens, all ranks
+    tokens: int         # input tokens, all ranks
+    grad_norm: float    # before clipping (nan where the engine computed none)
+    stepped: bool       # False: a non-finite loss or gradient, the update skipped
+    stop: bool          # some rank was asked to stop (SIGTERM/SIGINT)
+
 
 DCP_DIR = "dcp"  # FSDP2's sharded training state, under a checkpoint's state/
 UNIVERSAL_DIR = "universal"  # DeepSpeed's universal checkpoint of a state/, made on demand
@@ -57,7 +69,9 @@ class DDPBackend:
         return self.accelerator.device.type in ("cuda", "cpu")
 
     def prepare(self, model, optimizer, make_optimizer=None):
-        return self.accelerator.prepare(model, optimizer)
+        model, optimizer = self.accelerator.prepare(model, optimizer)
+        _autocast_outputs(self.accelerator.unwrap_model(model), self.accelerator)
+        return model, optimizer
 
     def micro_batch(self, model, last: bool):
         # only the last micro-batch of a step all-reduces gradients across ranks
@@ -66,13 +80,14 @@ class DDPBackend:
     def backward(self, model, loss: torch.Tensor) -> None:
         self.accelerator.backward(loss)
 
-    def clip_and_step(self, model, optimizer, max_norm: float, fp16: bool, nll, labels, tokens):
-        """Clip and step unless the loss or gradient is non-finite; one host sync.
-
-        Returns (summed NLL, label tokens, input tokens, grad norm, stepped)."""
+    def clip_and_step(self, model, optimizer, max_norm: float, fp16: bool,
+                      sums: torch.Tensor) -> "StepResult":
+        """Clip and step unless the loss or gradient is non-finite; one host sync: `sums`
+        (loop.forward_backward's [NLL, label tokens, input tokens, ranks asking to stop]) and
+        the gradient norm are read together."""
         norm = self._norm(model, max_norm)
-        nll, labels, tokens, grad_norm = torch.stack(
-            [nll, labels, tokens, norm.to(nll.device, torch.float64)]).tolist()
+        values = torch.cat([sums, norm.reshape(1).to(sums.device, torch.float64)]).tolist()
+        nll, labels, tokens, stop, grad_norm = values
         loss = nll / max(labels, 1)
         # Under fp16 the grad scaler skips overflowing steps itself; those are not bad steps.
         finite = math.isfinite(loss) and (math.isfinite(grad_norm) or fp16)
@@ -84,7 +99,7 @@ class DDPBackend:
             # next step's unscale_ fails; update() also lowers the scale after an overflow.
             self.accelerator.scaler.update()
         optimizer.zero_grad(set_to_none=True)
-        return nll, int(labels), int(tokens), grad_norm, finite
+        return StepResult(nll, int(labels), int(tokens), grad_norm, finite, stop > 0)
 
     def _norm(self, model, max_norm: float) -> torch.Tensor:
         """The global gradient norm as a tensor (clipping to `max_norm` when it is > 0)."""
@@ -149,17 +164,18 @@ class DeepSpeedBackend(DDPBackend):
     def backward(self, model, loss: torch.Tensor) -> None:
         model.backward(loss, scale_wrt_gas=False)
 
-    def clip_and_step(self, model, optimizer, max_norm: float, fp16: bool, nll, labels, tokens):
+    def clip_and_step(self, model, optimizer, max_norm: float, fp16: bool,
+                      sums: torch.Tensor) -> "StepResult":
         # The engine clips (gradient_clipping = --max_grad_norm), steps and zeroes the gradients
         # itself; only its fp16 loss scaler skips overflowing steps, so under bf16/fp32 a
         # non-finite step is counted and --max_bad_steps stops the run, but not undone.
         model.step()
         norm = model.get_global_grad_norm()  # None where the engine did not compute one
-        nll, labels, tokens = torch.stack([nll, labels, tokens]).tolist()
+        nll, labels, tokens, stop = sums.tolist()
         loss = nll / max(labels, 1)
         grad_norm = float("nan") if norm is None else float(norm)
         finite = math.isfinite(loss) and (norm is None or math.isfinite(grad_norm))
-        return nll, int(labels), int(tokens), grad_norm, finite
+        return StepResult(nll, int(labels), int(tokens), grad_norm, finite, stop > 0)
 
     def full_model(self, model):
         """Every weight as the optimizer's fp32 master, gathered from the ranks' partitions
@@ -184,22 +200,14 @@ class DeepSpeedBackend(DDPBackend):
         re-cut: the main process converts the checkpoint into a universal one (once, cached in
         `state_dir/universal/`), and every engine loads its new partition from that with
         DeepSpeed's universal loading switched on for this one load only, so later saves are
-        ordinary checkpoints again. Without ZeRO (stage 0, fp32 or fp16) the engine saves full
-        states and the ordinary load serves any number of processes (checked by hand on CPU,
-        fp32, 1 -> 2 and 2 -> 1); stage 0 under bf16 (DeepSpeed's BF16_Optimizer, which
-        partitions like ZeRO-1) is refused on a new number of processes, untried.
+        ordinary checkpoints again. ZeRO-1 under bf16 is DeepSpeed's BF16_Optimizer (the
+        runtime asks for fp32 gradient accumulation), whose partitions take the same universal
+        path. Without ZeRO (stage 0: fp32, fp16, or bf16 with bf16 accumulation, the only bf16
+        DeepSpeed 0.19 allows there) the engine saves full states and the ordinary load serves
+        any number of processes (checked by hand on CPU, fp32, 1 -> 2 and 2 -> 1).
         """
         world = dist_info()[1]
         state_dir = Path(state_dir)
-        if self.stage == 0 and saved_world_size not in (None, world):
-            from deepspeed.runtime.bf16_optimizer import BF16_Optimizer
-
-            if isinstance(getattr(model, "optimizer", None), BF16_Optimizer):
-                raise UsageError(f"the DeepSpeed checkpoint {state_dir} was saved on "
-                                 f"{saved_world_size} processes by the bf16 optimizer without "
-                                 "ZeRO, which partitions its states; loading it on "
-                                 f"{world} is not supported (resume with {saved_world_size} "
-                                 "processes)")
         if saved_world_size is None or saved_world_size == world or self.stage == 0:
             self.accelerator.load_state(str(state_dir))
             _reseed_new_rank(state_dir, saved_world_size)
@@ -242,6 +250,20 @@ class FSDPBackend(DDPBackend):
         super().__init__(accelerator)
         self.mixed_precision = mixed_precision
         self.model_class = None
+        # fp16 needs loss scaling, which Accelerate's scaler (built for its own DDP wrapper)
+        # does not do here: the sharded scaler combines the ranks' overflow checks, so every
+        # rank skips the same steps. Saved with the training state (a checkpointed object).
+        self.scaler = None
+        if mixed_precision == "fp16":
+            from torch.distributed.fsdp.sharded_grad_scaler import ShardedGradScaler
+
+            self.scaler = ShardedGradScaler(accelerator.device.type)
+            accelerator.register_for_checkpointing(self.scaler)
+
+    def fused_optimizer(self) -> bool:
+        # torch 2.13's fused AdamW takes the sharded scaler's overflow flag, shaped [1], where
+        # it expects a scalar ("output with shape [] doesn't match the broadcast shape [1]")
+        return super().fused_optimizer() and self.scaler is None
 
     def prepare(self, model, optimizer, make_optimizer=None):
         """Shard `model` in place and build the optimizer again over its sharded parameters
@@ -269,7 +291,25 @@ class FSDPBackend(DDPBackend):
         return nullcontext()
 
     def backward(self, model, loss: torch.Tensor) -> None:
-        loss.backward()
+        (self.scaler.scale(loss) if self.scaler else loss).backward()
+
+    def clip_and_step(self, model, optimizer, max_norm: float, fp16: bool,
+                      sums: torch.Tensor) -> "StepResult":
+        """As DDP's; under fp16 the sharded scaler unscales before the norm, skips a step with
+        an overflow on any rank (not a bad step: the scale is lowered) and always updates its
+        scale, also after a non-finite loss, whose step is skipped and counted as bad."""
+        if self.scaler is None:
+            return super().clip_and_step(model, optimizer, max_norm, fp16, sums)
+        self.scaler.unscale_(optimizer)
+        values = torch.cat([sums, self._norm(model, max_norm).reshape(1).to(
+            sums.device, torch.float64)]).tolist()
+        nll, labels, tokens, stop, grad_norm = values
+        finite = math.isfinite(nll / max(labels, 1))
+        if finite:
+            self.scaler.step(optimizer)  # skipped by the scaler after an overflow
+        self.scaler.update()
+        optimizer.zero_grad(set_to_none=True)
+        return StepResult(nll, int(labels), int(tokens), grad_norm, finite, stop > 0)
 
     def _norm(self, model, max_norm: float) -> torch.Tensor:
         # the gradients are DTensor shards: the norm is reduced over the ranks, then clipped
@@ -321,6 +361,26 @@ class FSDPBackend(DDPBackend):
     def describe(self) -> dict:
         return {"fsdp": "full_shard", "fsdp_version": 2,
                 "fsdp_mixed_precision": self.mixed_precision}
+
+
+def _autocast_outputs(model, accelerator) -> None:
+    """Keep Accelerate's autocast around `model.forward` but drop its fp32 conversion of the
+    outputs. Under bf16/fp16, `prepare()` wraps forward in autocast and then in
+    `convert_outputs_to_fp32`, so the logits reached the loss as an fp32 copy (4 bytes x tokens
+    x vocabulary, ~3.1 GiB at 16 x 1024 x 50304, and as much again for its gradient) and the
+    loss's chunked upcast (loop.nll_sum) never ran. The wrapper is rebuilt as Accelerate builds
+    it, minus that last layer, so `unwrap_model(keep_fp32_wrapper=False)` still finds the
+    original forward under it."""
+    original = model.__dict__.get("_original_forward")
+    if original is None or not accelerator.native_amp:
+        return
+    from types import MethodType
+
+    from accelerate.utils import get_mixed_precision_context_manager
+
+    autocast = get_mixed_precision_context_manager(accelerator.native_amp,
+                                                   accelerator.autocast_handler)
+    model.forward = MethodType(autocast(original.__func__), model)
 
 
 def transformer_blocks(model) -> list:

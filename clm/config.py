@@ -10,6 +10,7 @@ Each field's help text lives in its `metadata` and shows in `--help`; checks liv
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import os
 import sys
 from dataclasses import dataclass, field, fields
@@ -21,6 +22,13 @@ import yaml
 
 class UsageError(ValueError):
     """Bad input from the user: printed as `error: <message>` with exit code 2, no traceback."""
+
+
+class TrainingError(RuntimeError):
+    """A run that cannot go on (--max_bad_steps non-finite steps in a row): printed as
+    `error: <message>` with exit code 1, no traceback. Raised on every rank at the same step
+    (decided on values summed over the ranks), so the ranks leave the process group together;
+    the checkpoints already saved are left as they are."""
 
 
 def first_line(e: BaseException) -> str:
@@ -133,6 +141,13 @@ class ModelConfig:
         if self.attn_implementation not in ("sdpa", "eager", "flash_attention_2"):
             raise UsageError(f"unknown --attn_implementation '{self.attn_implementation}' "
                              "(choose sdpa, eager or flash_attention_2)")
+        # Whether a GPU is there is checked where the model is built (model.build_model): a
+        # --dry_run plans for GPUs from a machine that may have none.
+        if self.attn_implementation == "flash_attention_2" and \
+                importlib.util.find_spec("flash_attn") is None:
+            raise UsageError("--attn_implementation flash_attention_2 needs the flash-attn "
+                             "package, which is not installed (pip install flash-attn on a "
+                             "CUDA machine, or --attn_implementation sdpa)")
 
 
 @dataclass
@@ -186,6 +201,10 @@ class TrainingConfig:
         "DeepSpeed JSON config (ds_configs/zero3.json, ...); its \"auto\" values are filled from "
         "this run's options. `accelerate launch --config_file accelerate_configs/deepspeed_*.yaml` "
         "sets it too.", default=None)
+    ddp_timeout: int = _help(
+        "Seconds a collective waits for the other processes before the run fails (the process "
+        "group's timeout, under DDP, FSDP and DeepSpeed alike): raise it where one rank can be "
+        "busy alone for longer, e.g. tokenizing or saving a large checkpoint.", default=1800)
     max_bad_steps: int = _help("Stop after this many optimizer steps in a row with a NaN/inf "
                                "loss or gradient (each one is skipped).", default=5)
     report_to: str = _help("none, wandb, tensorboard or all (through Accelerate's trackers).",
@@ -256,6 +275,8 @@ class TrainingConfig:
                              "(choose none, wandb, tensorboard or all)")
         if self.max_bad_steps < 1:
             raise UsageError("--max_bad_steps must be >= 1")
+        if self.ddp_timeout <= 0:
+            raise UsageError(f"--ddp_timeout must be > 0 seconds (got {self.ddp_timeout})")
         if self.deepspeed and not os.path.isfile(self.deepspeed):
             raise UsageError(f"--deepspeed {self.deepspeed}: no such file (pass a JSON config such "
                              "as ds_configs/zero2.json)")
@@ -284,9 +305,12 @@ class TrainingConfig:
                                  f"{'; '.join(PEAK_FLOPS)})")
 
 
-def _one_line_error(message: str) -> None:
-    print(f"error: {message}", file=sys.stderr)
-    raise SystemExit(2)
+def _one_line_error(message: str, code: int = 2) -> None:
+    # one write: under torchrun every rank says it, and print's separate newline write let
+    # two ranks' lines run together
+    sys.stderr.write(f"error: {message}\n")
+    sys.stderr.flush()
+    raise SystemExit(code)
 
 
 class _Parser:
@@ -338,9 +362,25 @@ def load_yaml(path: str, types) -> dict:
 
 
 def run_cli(main: Callable, types, argv=None, description: str | None = None):
-    """Parse, then run `main(*configs)`; a UsageError anywhere becomes the one-line error."""
+    """Parse, then run `main(*configs)`; a UsageError anywhere becomes the one-line error
+    (exit 2), a TrainingError the one-line error of a failed run (exit 1)."""
     try:
         configs = parse_config(types, argv, description)
         return main(*configs)
     except UsageError as e:
         _one_line_error(str(e))
+    except TrainingError as e:
+        _leave_process_group()
+        _one_line_error(str(e), code=1)
+
+
+def _leave_process_group() -> None:
+    # Every rank raises a TrainingError at the same step, so they can leave the group together
+    # (a group left to interpreter shutdown can abort the process after the error line).
+    if "torch.distributed" in sys.modules:
+        from .runtime import close_distributed
+
+        try:
+            close_distributed()
+        except Exception:  # the error line matters more than a clean goodbye
+            pass

@@ -22,8 +22,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from .config import TrainingConfig
-from . import runtime
+from .config import TrainingConfig, TrainingError
+from .attention import causal_rows, sdpa_backends
 from .backend import backend_of
 from .runtime import dist_info
 
@@ -88,9 +88,16 @@ def prepare_batch(batch: dict, device) -> tuple[dict, int, int]:
         out["position_ids"] = batch["position_ids"]
     elif n_tokens != mask.numel():
         out["attention_mask"] = mask
-    if device.type == "cuda":  # pinned host memory: the copy overlaps the work queued before it
-        out = {k: v if v.is_pinned() else v.pin_memory() for k, v in out.items()}
-    return {k: v.to(device, non_blocking=True) for k, v in out.items()}, n_labels, n_tokens
+    return {k: to_device(v, device) for k, v in out.items()}, n_labels, n_tokens
+
+
+def to_device(tensor: torch.Tensor, device) -> torch.Tensor:
+    """`tensor` (on the host) copied to `device` without the host waiting. On CUDA a copy from
+    pageable memory waits for the device to finish the work queued before it; from pinned
+    memory it is queued behind that work instead."""
+    if device.type == "cuda" and not tensor.is_pinned():
+        tensor = tensor.pin_memory()
+    return tensor.to(device, non_blocking=True)
 
 
 def nll_sum(logits: torch.Tensor, labels: torch.Tensor, chunk_rows: int | None = None):
@@ -140,36 +147,46 @@ def _compiled_chunk_nll():
 
 
 def token_nll(model, batch: dict) -> torch.Tensor:
-    """Summed next-token NLL of a `prepare_batch` batch (labels already shifted)."""
+    """Summed next-token NLL of a `prepare_batch` batch (labels already shifted).
+
+    Rows with neither a mask nor position ids (packed pretraining blocks) are plain causal
+    rows: no mask is built, and SDPA takes its `is_causal` path (clm/attention.py), which is
+    what the flash-only restriction of `attention.sdpa_backends` relies on."""
     extra = {"position_ids": batch["position_ids"]} if "position_ids" in batch else {}
-    with runtime.sdpa_backends(masked="attention_mask" in batch or bool(extra)):
+    plain = is_plain(batch)
+    with sdpa_backends(masked=not plain), causal_rows(model, plain):
         logits = model(input_ids=batch["input_ids"], attention_mask=batch.get("attention_mask"),
                        use_cache=False, **extra).logits
     return nll_sum(logits.flatten(0, 1), batch["labels"].flatten())
 
 
-def forward_backward(model, micro_batches, accelerator) -> tuple[torch.Tensor, ...]:
-    """One optimizer step's gradients. Returns device tensors, summed over all ranks: the NLL
-    of every label token, the label tokens and the input tokens; nothing here waits for the
-    device (the caller reads them with its one sync of the step)."""
+def is_plain(batch: dict) -> bool:
+    """Whether a `prepare_batch` batch is plain causal rows (no padding, no packed examples)."""
+    return "attention_mask" not in batch and "position_ids" not in batch
+
+
+def forward_backward(model, micro_batches, accelerator, stop: bool = False) -> torch.Tensor:
+    """One optimizer step's gradients. Returns one device tensor, summed over all ranks:
+    [NLL of every label token, label tokens, input tokens, ranks asking to stop (`stop` is
+    this rank's wish)]. Nothing here waits for the device: the caller reads it, with the
+    gradient norm, in the one host sync of the step (`clip_and_step`)."""
     device = accelerator.device
     prepared = [prepare_batch(b, device) for b in micro_batches]
-    counts = torch.tensor([sum(p[1] for p in prepared), sum(p[2] for p in prepared)],
+    counts = torch.tensor([sum(p[1] for p in prepared), sum(p[2] for p in prepared), stop],
                           dtype=torch.float64)
-    world = dist_info()[1]
-    if world > 1:  # the scale stays on the device: no sync for the global count
-        counts = _all_reduce_sum(counts.to(device))
-        scale = world / counts[0].clamp(min=1)
-    else:
-        scale = 1.0 / max(float(counts[0]), 1.0)
+    # the global label count stays on the device: the scale needs no sync
+    counts = _all_reduce_sum(to_device(counts, device))
+    scale = dist_info()[1] / counts[0].clamp(min=1)
     total = torch.zeros((), dtype=torch.float64, device=device)
     backend = backend_of(accelerator)
     for i, (batch, _, _) in enumerate(prepared):
-        with backend.micro_batch(model, last=i == len(prepared) - 1):
+        # the backward too: activation checkpointing runs the blocks' forward again in it
+        with backend.micro_batch(model, last=i == len(prepared) - 1), \
+                causal_rows(model, is_plain(batch)):
             nll = token_nll(model, batch)
             backend.backward(model, nll * scale)
         total += nll.detach().double()
-    return _all_reduce_sum(total), counts[0].to(device), counts[1].to(device)
+    return torch.cat([_all_reduce_sum(total).view(1), counts])
 
 
 @torch.no_grad()
@@ -215,48 +232,53 @@ def train(cfg: TrainingConfig, accelerator, model, optimizer, batches, state: Lo
 
     `evaluate_fn()` returns {"eval_loss": .., "eval_<metric>": ..} (every `eval_steps` and at
     the end); `save_fn(state)` checkpoints (every `save_steps`, and when stopped);
-    `stop.requested()` is checked after every step, on every rank alike.
+    `stop.local()`, this rank's wish to stop, is summed over the ranks with the step's token
+    counts and acted on after that step (`stop.observe`), on every rank alike.
     """
     model.train()
     data = iter(batches)
-    window = _Window()
-    run_start = time.perf_counter() - state.elapsed_s
-    while state.step < cfg.max_steps:
-        lr = lr_at(state.step, cfg)
-        for group in optimizer.param_groups:
-            group["lr"] = lr
-        wait = time.perf_counter()
-        micro = [next(data) for _ in range(cfg.gradient_accumulation_steps)]
-        window.data_s += time.perf_counter() - wait
-        nll, labels, tokens = forward_backward(model, micro, accelerator)
-        nll, labels, tokens, grad_norm, finite = _optimizer_step(
-            accelerator, model, optimizer, cfg, nll, labels, tokens)
-        state.bad_steps = 0 if finite else state.bad_steps + 1
-        state.skipped += not finite
-        state.step += 1
-        state.tokens += tokens
-        state.elapsed_s = time.perf_counter() - run_start
-        window.add(nll, labels, tokens, finite)
-        logger.advance()
-        if not finite or state.step % cfg.logging_steps == 0 or state.step == cfg.max_steps:
-            logger.log_train(window.record(state, lr, grad_norm, flops_per_token, peak_flops,
-                                           accelerator.device))
-            window = _Window()
-        if state.bad_steps >= cfg.max_bad_steps:
-            raise FloatingPointError(
-                f"{state.bad_steps} optimizer steps in a row had a non-finite loss or gradient "
-                f"(last at step {state.step}); lower --learning_rate or check the data")
-        if (cfg.eval_steps and state.step % cfg.eval_steps == 0) or state.step == cfg.max_steps:
-            results = evaluate_fn()
-            if results:
-                logger.log_eval(state.step, state.tokens, results)
-        saved = bool(save_fn and cfg.save_steps and state.step % cfg.save_steps == 0)
-        if saved:
-            save_fn(state)
-        if stop is not None and stop.requested(accelerator.device):
-            if save_fn and not saved:
+    try:
+        window = _Window()
+        run_start = time.perf_counter() - state.elapsed_s
+        while state.step < cfg.max_steps:
+            lr = lr_at(state.step, cfg)
+            for group in optimizer.param_groups:
+                group["lr"] = lr
+            wait = time.perf_counter()
+            micro = [next(data) for _ in range(cfg.gradient_accumulation_steps)]
+            window.data_s += time.perf_counter() - wait
+            sums = forward_backward(model, micro, accelerator, stop is not None and stop.local())
+            nll, labels, tokens, grad_norm, finite, stopping = _optimizer_step(
+                accelerator, model, optimizer, cfg, sums)
+            state.bad_steps = 0 if finite else state.bad_steps + 1
+            state.skipped += not finite
+            state.step += 1
+            state.tokens += tokens
+            state.elapsed_s = time.perf_counter() - run_start
+            window.add(nll, labels, tokens, finite)
+            logger.advance()
+            if not finite or state.step % cfg.logging_steps == 0 or state.step == cfg.max_steps:
+                logger.log_train(window.record(state, lr, grad_norm, flops_per_token, peak_flops,
+                                               accelerator.device))
+                window = _Window()
+            if state.bad_steps >= cfg.max_bad_steps:
+                raise TrainingError(
+                    f"{state.bad_steps} optimizer steps in a row had a non-finite loss or "
+                    f"gradient, the last at step {state.step} (lower --learning_rate, keep "
+                    "--max_grad_norm clipping on, or check the data)")
+            if (cfg.eval_steps and state.step % cfg.eval_steps == 0) or state.step == cfg.max_steps:
+                results = evaluate_fn()
+                if results:
+                    logger.log_eval(state.step, state.tokens, results)
+            saved = bool(save_fn and cfg.save_steps and state.step % cfg.save_steps == 0)
+            if saved:
                 save_fn(state)
-            break
+            if stop is not None and stop.observe(stopping):
+                if save_fn and not saved:
+                    save_fn(state)
+                break
+    finally:  # on every way out, errors included: the DataLoader workers stop now
+        getattr(data, "close", lambda: None)()
     return state
 
 
@@ -295,12 +317,11 @@ class _Window:
         return record
 
 
-def _optimizer_step(accelerator, model, optimizer, cfg: TrainingConfig, nll, labels, tokens):
+def _optimizer_step(accelerator, model, optimizer, cfg: TrainingConfig, sums):
     """Clip and step unless the loss or gradient is non-finite (the backend's way).
 
-    Takes forward_backward's device tensors and reads them, with the gradient norm, in the one
-    host sync of the step; returns (summed NLL, label tokens, input tokens, grad norm, stepped).
+    Takes forward_backward's device tensor and reads it, with the gradient norm, in the one
+    host sync of the step; returns a `backend.StepResult`.
     """
     return backend_of(accelerator).clip_and_step(model, optimizer, cfg.max_grad_norm,
-                                                 cfg.mixed_precision == "fp16", nll, labels,
-                                                 tokens)
+                                                 cfg.mixed_precision == "fp16", sums)

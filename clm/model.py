@@ -53,15 +53,25 @@ def padded_vocab(n: int) -> int:
     return -(-n // VOCAB_MULTIPLE) * VOCAB_MULTIPLE
 
 
-def build_model(cfg: ModelConfig, tokenizer, block_size: int, dtype=None):
-    """The model to train, checked against the tokenizer and block size before any work."""
+def build_model(cfg: ModelConfig, tokenizer, block_size: int):
+    """The model to train, checked against the tokenizer and block size before any work.
+
+    Always in float32, whatever the checkpoint's or config's dtype: these are the master
+    weights the optimizer updates (and its states take their dtype); bf16/fp16 compute comes
+    from autocast (--mixed_precision). Left to transformers ("auto"), a bf16 checkpoint would
+    train in pure bf16, where an update below half a bf16 step of its weight (~0.4% of it;
+    an Adam step of 2e-5 on a 0.02 weight is 0.1%) rounds away to nothing.
+    """
     from transformers import AutoConfig, AutoModelForCausalLM, GPT2Config, GPT2LMHeadModel
 
-    kwargs = {"attn_implementation": cfg.attn_implementation}
+    if cfg.attn_implementation == "flash_attention_2" and not torch.cuda.is_available():
+        raise UsageError("--attn_implementation flash_attention_2 needs a CUDA GPU and this "
+                         "machine has none (run on a GPU node, or pass --attn_implementation "
+                         "sdpa)")
+    kwargs = {"attn_implementation": cfg.attn_implementation, "dtype": torch.float32}
     if cfg.model_name_or_path:
         try:
-            model = AutoModelForCausalLM.from_pretrained(cfg.model_name_or_path, dtype=dtype,
-                                                         **kwargs)
+            model = AutoModelForCausalLM.from_pretrained(cfg.model_name_or_path, **kwargs)
         except Exception as e:
             first = first_line(e)
             raise UsageError(f"could not load --model_name_or_path {cfg.model_name_or_path}: "
@@ -88,6 +98,7 @@ def build_model(cfg: ModelConfig, tokenizer, block_size: int, dtype=None):
                                 bos_token_id=tokenizer.bos_token_id or tokenizer.eos_token_id,
                                 eos_token_id=tokenizer.eos_token_id)
         config.use_cache = False
+        config.dtype = torch.float32  # what GPT2LMHeadModel(config) builds, whatever it said
         model = GPT2LMHeadModel(config) if config.model_type == "gpt2" else \
             AutoModelForCausalLM.from_config(config, **kwargs)
         model.set_attn_implementation(cfg.attn_implementation)
@@ -189,3 +200,26 @@ def peak_flops(device: torch.device) -> float | None:
     if device.type != "cuda":
         return None
     return peak_flops_of(torch.cuda.get_device_name(device))
+
+
+def compile_blocks(model) -> None:
+    """`--torch_compile`: compile each transformer block in place, as torchtitan does.
+
+    Called after activation checkpointing is applied (the recomputation wraps the compiled
+    block) and before DDP wrapping or FSDP sharding (whose hooks then stay outside the compiled
+    code). Identical blocks share one compiled graph; the embeddings, final norm and output
+    projection stay eager (one matmul, and the loss is compiled on its own: loop.compile_loss).
+    In place, not a wrapper: saved state keeps the model's own names (no `_orig_mod.`), so a
+    checkpoint resumes with or without --torch_compile.
+    """
+    from .backend import transformer_blocks
+
+    for block in transformer_blocks(model):
+        block.compile()
+
+
+def eager():
+    """A context in which compiled code runs eagerly: evaluation, benchmarks and sampling,
+    whose shapes (eval batch, padded choices, a growing KV cache) and grad mode differ from
+    training's, would otherwise each recompile the training graphs."""
+    return torch.compiler.set_stance("force_eager")

@@ -22,11 +22,11 @@ from __future__ import annotations
 import json
 import os
 import signal
-from contextlib import nullcontext
+from datetime import timedelta
 
 import torch
 
-from .config import TrainingConfig, UsageError, first_line
+from .config import TrainingConfig, UsageError
 
 TRACKERS = {"none": [], "wandb": ["wandb"], "tensorboard": ["tensorboard"],
             "all": ["wandb", "tensorboard"]}
@@ -77,6 +77,9 @@ def deepspeed_config_file(cfg: TrainingConfig) -> str | None:
     return None
 
 
+DS_SIZES = {"reduce_bucket_size": 50_000_000, "stage3_prefetch_bucket_size": 50_000_000}
+
+
 def deepspeed_config(path: str, cfg: TrainingConfig, world_size: int) -> dict:
     """The DeepSpeed JSON at `path` with its "auto" values filled from `cfg`."""
     try:
@@ -111,7 +114,34 @@ def deepspeed_config(path: str, cfg: TrainingConfig, world_size: int) -> dict:
                              f"{precision} (write \"auto\" there, or pass "
                              f"--mixed_precision {dtype})")
     zero = config.setdefault("zero_optimization", {})
-    if zero.get("stage") == 3:
+    stage = zero.get("stage", 0)
+    # Left to DeepSpeed, a bf16 run accumulates the micro-batches' gradients in bf16 and
+    # reduces them in bf16 (8 bits of mantissa: small updates vanish in the sums). fp32 both:
+    # under ZeRO-1 DeepSpeed then picks its BF16_Optimizer (fp32 gradient buffers, one
+    # all-reduce per step), under ZeRO-2/3 its ZeRO optimizer with fp32 gradient partitions.
+    # Without ZeRO, bf16 with fp32 accumulation is not supported by DeepSpeed 0.19, so stage 0
+    # keeps its bf16 accumulation (and reduces in fp32). A value the JSON writes is kept.
+    wide = "fp32" if precision == "bf16" else None  # fp16 keeps DeepSpeed's (loss-scaled) fp16
+    if config.get("communication_data_type", "auto") == "auto":
+        config.pop("communication_data_type", None)
+        if wide:
+            config["communication_data_type"] = wide
+    data_types = config.setdefault("data_types", {})
+    if data_types.get("grad_accum_dtype", "auto") == "auto":
+        data_types.pop("grad_accum_dtype", None)
+        if wide and stage in (1, 2, 3):
+            data_types["grad_accum_dtype"] = wide
+    # Accelerate fills these "auto"s from the model's width as the HF Trainer does (hidden^2
+    # = 589,824 elements for GPT-2 124M: some 200 tiny collectives per micro-batch, and a
+    # ZeRO-3 prefetch smaller than one MLP weight). 5e7 elements (200 MB in fp32) is ten
+    # times under DeepSpeed's own 5e8 reduce bucket, which in fp32 would allocate 2 GB buffers
+    # per bucket; the prefetch is DeepSpeed's default. ZeRO-3's persistence threshold stays
+    # Accelerate's 10 x hidden (7,680 for GPT-2 124M: biases and norms kept whole, every
+    # matrix sharded), which shards the matrices of a narrow test model too.
+    for key, value in DS_SIZES.items():
+        if zero.get(key) == "auto":
+            zero[key] = value
+    if stage == 3:
         if zero.get("stage3_gather_16bit_weights_on_model_save") is False:
             raise UsageError(f"{path} sets stage3_gather_16bit_weights_on_model_save false, but "
                              "every checkpoint holds a loadable model folder (set it to true)")
@@ -142,54 +172,6 @@ def configure_cuda_math(cuda: bool) -> None:
     if cuda:
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
-
-
-_SDPA_BACKENDS: list | None = None  # chosen once per process by choose_attention()
-
-
-def choose_attention(device: torch.device, mixed_precision: str, attn_implementation: str,
-                     head_dim: int) -> list | None:
-    """On CUDA with SDPA under bf16/fp16, restrict attention to the flash kernel.
-
-    Probed now on a tensor of the model's head size, so that a GPU or shape it cannot serve is
-    a one-line error before training instead of a silent fallback to the slow math kernel.
-    Padded batches (finetuning) carry a mask, which flash cannot take; they may also use the
-    memory-efficient kernel. Returns the backends chosen (None: no restriction, e.g. on CPU).
-    """
-    global _SDPA_BACKENDS
-    _SDPA_BACKENDS = None
-    if device.type != "cuda" or attn_implementation != "sdpa" or \
-            mixed_precision not in ("bf16", "fp16"):
-        return None
-    from torch.nn.attention import SDPBackend, sdpa_kernel
-
-    dtype = torch.bfloat16 if mixed_precision == "bf16" else torch.float16
-    q = torch.randn(1, 2, 64, head_dim, device=device, dtype=dtype)
-    try:
-        with sdpa_kernel([SDPBackend.FLASH_ATTENTION]):
-            torch.nn.functional.scaled_dot_product_attention(q, q, q, is_causal=True)
-    except RuntimeError as e:
-        first = first_line(e)
-        raise UsageError(f"SDPA's flash kernel cannot run on {torch.cuda.get_device_name(device)}"
-                         f" for head size {head_dim} in {mixed_precision}: {first} (use an "
-                         "Ampere or newer GPU, or --attn_implementation eager)") from None
-    _SDPA_BACKENDS = [SDPBackend.FLASH_ATTENTION]
-    return _SDPA_BACKENDS
-
-
-def attention_kernels() -> str:
-    """The SDPA kernels this process's training forward passes are limited to, for reports."""
-    return "any" if _SDPA_BACKENDS is None else ",".join(b.name for b in _SDPA_BACKENDS)
-
-
-def sdpa_backends(masked: bool = False):
-    """The context a forward pass runs in: SDPA limited to the backends choose_attention()
-    picked (memory-efficient attention allowed too for masked batches); a no-op on CPU."""
-    if _SDPA_BACKENDS is None:
-        return nullcontext()
-    from torch.nn.attention import SDPBackend, sdpa_kernel
-
-    return sdpa_kernel(_SDPA_BACKENDS + ([SDPBackend.EFFICIENT_ATTENTION] if masked else []))
 
 
 PRECISIONS = ("no", "bf16", "fp16")
@@ -237,21 +219,26 @@ def make_accelerator(cfg: TrainingConfig):
     cuda = torch.cuda.is_available()
     configure_cuda_math(cuda)
     ds_file = deepspeed_config_file(cfg)
-    plugin, handlers = None, []
+    plugin, group = None, InitProcessGroupKwargs(timeout=timedelta(seconds=cfg.ddp_timeout))
     if ds_file:  # checked in full before the environment is touched
         from accelerate.utils import DeepSpeedPlugin
 
         config = deepspeed_config(ds_file, cfg, int(os.environ.get("WORLD_SIZE", "1")))
         deepspeed_device()
         if not cuda:
-            handlers.append(InitProcessGroupKwargs(backend="gloo"))
+            group.backend = "gloo"
         if "LOCAL_RANK" not in os.environ:  # plain `python`: DeepSpeed still needs a group
             _single_process_group_env()
         os.environ["ACCELERATE_USE_DEEPSPEED"] = "true"  # Accelerate reads it to start DeepSpeed
         plugin = DeepSpeedPlugin(hf_ds_config=config)
+    # Accelerate passes on only the values that differ from its own defaults (nccl's 600 s
+    # timeout among them), so --ddp_timeout 600 would leave a gloo group at torch's 1800 s:
+    # the timeout always goes
+    group_kwargs = group.to_kwargs()
+    group.to_kwargs = lambda: {**group_kwargs, "timeout": group.timeout}
     accelerator = Accelerator(cpu=not cuda and not plugin,
                               mixed_precision=cfg.mixed_precision, deepspeed_plugin=plugin,
-                              kwargs_handlers=handlers, log_with=TRACKERS[cfg.report_to] or None,
+                              kwargs_handlers=[group], log_with=TRACKERS[cfg.report_to] or None,
                               project_dir=cfg.output_dir)
     _, world = dist_info()
     if world != accelerator.num_processes or (world > 1 and
@@ -271,16 +258,28 @@ def describe(accelerator) -> dict:
     info = {"type": accelerator.distributed_type.value,
             "accelerate_num_processes": accelerator.num_processes,
             "torch_world_size": dist_info()[1], "backend": accelerator.state.backend}
+    d = torch.distributed
+    if d.is_available() and d.is_initialized():
+        # read back from the group itself (--ddp_timeout is what was asked for), through
+        # torch's private API: a torch without it records null rather than failing the run
+        try:
+            group = d.distributed_c10d._get_default_group()
+            backend = group._get_backend(torch.device(accelerator.device.type))
+            info["process_group_timeout_s"] = backend.options._timeout.total_seconds()
+        except (AttributeError, RuntimeError):
+            info["process_group_timeout_s"] = None
     from .backend import backend_of
 
     return {**info, **backend_of(accelerator).describe()}
 
 
 class StopRequest:
-    """SIGTERM/SIGINT set a flag; the loop checks it after each optimizer step on every rank.
+    """SIGTERM/SIGINT set a flag; the loop acts on it after an optimizer step, on every rank.
 
-    The flag is combined over ranks, so a signal delivered to any one of them stops all of them
-    after the same step, and they checkpoint together.
+    The flag travels with the step's token counts (loop.forward_backward sums `local()` over
+    the ranks, read in the step's one host sync), so a signal delivered to any one rank stops
+    all of them after the same step, and they checkpoint together; no extra collective or
+    sync per step.
     """
 
     SIGNALS = (signal.SIGTERM, signal.SIGINT)
@@ -301,11 +300,12 @@ class StopRequest:
     def _handle(self, signum, frame):
         self.signal_name = signal.Signals(signum).name
 
-    def requested(self, device) -> bool:
-        flag = self.signal_name is not None
-        if dist_info()[1] > 1:
-            t = torch.tensor([1.0 if flag else 0.0], device=device)
-            torch.distributed.all_reduce(t)
-            flag = t.item() > 0
-            self.signal_name = self.signal_name or ("a signal to another rank" if flag else None)
-        return flag
+    def local(self) -> bool:
+        """Whether this rank was asked to stop."""
+        return self.signal_name is not None
+
+    def observe(self, any_rank: bool) -> bool:
+        """Whether to stop now, given whether any rank asked during the step."""
+        if any_rank and self.signal_name is None:
+            self.signal_name = "a signal to another rank"
+        return bool(any_rank)

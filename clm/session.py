@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from . import checkpoint as ckpt, hub, loop, model as models, outputs, runtime
+from . import attention, checkpoint as ckpt, hub, loop, model as models, outputs, runtime
 from .backend import backend_of
 from .config import TrainingConfig
 from .metrics import MetricsLogger, flat_config, wandb_run_id
@@ -119,13 +119,11 @@ class Session:
         self.fpt = models.flops_per_token(model, seq_len)
         make_optimizer = lambda m: loop.make_optimizer(  # noqa: E731
             m, cfg, fused=self.backend.fused_optimizer())
-        runtime.choose_attention(self.accelerator.device, cfg.mixed_precision,
+        attention.choose_attention(self.accelerator.device, cfg.mixed_precision,
                                  model.config._attn_implementation,
                                  model.config.hidden_size // model.config.num_attention_heads)
-        if cfg.torch_compile:
-            # in place, not a wrapper: saved state keeps the model's own names (no
-            # `_orig_mod.`), so a checkpoint resumes with or without --torch_compile
-            model.compile()
+        if cfg.torch_compile:  # after activation checkpointing, before wrapping or sharding
+            models.compile_blocks(model)
         loop.compile_loss(cfg.torch_compile)
         self.model, self.optimizer = self.backend.prepare(model, make_optimizer(model),
                                                           make_optimizer)
@@ -165,11 +163,14 @@ class Session:
             self.pusher = hub.HubPusher(self.cfg.hub_model_id, self.cfg.hub_private_repo)
 
     def evaluate(self) -> dict:
-        loss = loop.evaluate(self.model, self.heldout, self.cfg.per_device_eval_batch_size,
-                             self.accelerator)
-        results = {"eval_loss": loss} if loss is not None else {}
-        for fn in self.extra_evals:
-            results.update(fn(self.model, self.accelerator))
+        # eagerly: evaluation, benchmarks and generation have shapes and grad modes of their
+        # own, each a recompilation of the training graphs (--torch_compile)
+        with models.eager():
+            loss = loop.evaluate(self.model, self.heldout, self.cfg.per_device_eval_batch_size,
+                                 self.accelerator)
+            results = {"eval_loss": loss} if loss is not None else {}
+            for fn in self.extra_evals:
+                results.update(fn(self.model, self.accelerator))
         return results
 
     def save(self, state) -> None:
@@ -212,8 +213,9 @@ class Session:
         if self.main:
             if self.finalize is not None:
                 final_model = self.finalize(final_model, self.out)
-            samples = outputs.finish_run(self.cfg.output_dir, final_model, self.tokenizer,
-                                         self.run, self.cfg)
+            with models.eager():
+                samples = outputs.finish_run(self.cfg.output_dir, final_model, self.tokenizer,
+                                             self.run, self.cfg)
             self._report(samples)
             if self.pusher:
                 self.pusher.push(self.out, "main", f"final model at step {self.state.step}",

@@ -82,10 +82,8 @@ def train_step(cfg, accelerator, backend, model, optimizer, step: int) -> None:
     rank, world = dist_info()
     for group in optimizer.param_groups:
         group["lr"] = LR[step - 1]
-    nll, labels, tokens = loop.forward_backward(model, [batch(step, rank, world)], accelerator)
-    *_, stepped = backend.clip_and_step(model, optimizer, cfg.max_grad_norm, False, nll, labels,
-                                        tokens)
-    assert stepped
+    sums = loop.forward_backward(model, [batch(step, rank, world)], accelerator)
+    assert backend.clip_and_step(model, optimizer, cfg.max_grad_norm, False, sums).stepped
 
 
 def record(accelerator, model, optimizer) -> dict:

@@ -154,3 +154,81 @@ def assert_export_is_the_model(checkpoint, final, out):
     ids = torch.randint(0, 300, (2, 16), generator=torch.Generator().manual_seed(0))
     torch.testing.assert_close(logits(exported, ids), logits(checkpoint, ids), rtol=0, atol=0)
     torch.testing.assert_close(logits(exported, ids), logits(final, ids), rtol=0, atol=0)
+
+
+class HostReads:
+    """A counted stand-in, on CPU, for the host syncs of a training step on a GPU.
+
+    On CUDA, reading a tensor's value on the host (`.item()`, `.tolist()`, `bool()`, `float()`,
+    `int()`, `.numpy()`) waits for the device. Here every such read made while `loop.train`
+    runs an optimizer step is counted, per step (the step ends in `loop._optimizer_step`);
+    what is not the step's device work is left out: reading the data and the host-side batch
+    preparation (`loop.prepare_batch` counts tokens on the host before the copy), evaluation
+    and saving.
+    `install(monkeypatch_like)` patches torch.Tensor and clm.loop; `per_step` lists the counts.
+    """
+
+    METHODS = ("item", "tolist", "__bool__", "__float__", "__int__", "__index__", "numpy")
+
+    def __init__(self):
+        self.per_step, self.count, self.depth, self.off = [], 0, 0, 0
+
+    def install(self, setattr_):
+        from clm import data, loop, session
+
+        for name in self.METHODS:
+            setattr_(torch.Tensor, name, self._counted(getattr(torch.Tensor, name)))
+        setattr_(data.BlockLoader, "__iter__", self._without_each(data.BlockLoader.__iter__))
+        setattr_(loop, "prepare_batch", self._without(loop.prepare_batch))
+        setattr_(session.Session, "evaluate", self._without(session.Session.evaluate))
+        setattr_(session.Session, "save", self._without(session.Session.save))
+        train, step = loop.train, loop._optimizer_step
+
+        def counted_train(*args, **kwargs):
+            self.depth += 1
+            try:
+                return train(*args, **kwargs)
+            finally:
+                self.depth -= 1
+
+        def counted_step(*args, **kwargs):
+            result = step(*args, **kwargs)
+            self.per_step.append(self.count)
+            self.count = 0
+            return result
+
+        setattr_(loop, "train", counted_train)
+        setattr_(loop, "_optimizer_step", counted_step)
+
+    def _counted(self, method):
+        def read(tensor, *args, **kwargs):
+            if self.depth and not self.off:
+                self.count += 1
+            return method(tensor, *args, **kwargs)
+        return read
+
+    def _without_each(self, make_iterator):
+        """The batches of `make_iterator(...)`, each fetched uncounted (reading and tokenizing
+        on the host, in this process when there are no DataLoader workers)."""
+        def uncounted(*args, **kwargs):
+            fetch = self._without(next)
+            iterator = make_iterator(*args, **kwargs)
+            try:
+                while True:
+                    try:
+                        batch = fetch(iterator)
+                    except StopIteration:
+                        return
+                    yield batch
+            finally:
+                iterator.close()
+        return uncounted
+
+    def _without(self, fn):
+        def uncounted(*args, **kwargs):
+            self.off += 1
+            try:
+                return fn(*args, **kwargs)
+            finally:
+                self.off -= 1
+        return uncounted

@@ -309,8 +309,11 @@ def test_sigint_is_a_stop_request_like_sigterm():
 
     before = signal.getsignal(signal.SIGINT)
     with StopRequest() as stop:
-        assert not stop.requested("cpu")
+        assert not stop.local() and not stop.observe(False)
         os.kill(os.getpid(), signal.SIGINT)  # Ctrl-C: no KeyboardInterrupt mid-step
         time.sleep(0.05)
-        assert stop.requested("cpu") and stop.signal_name == "SIGINT"
+        assert stop.local() and stop.signal_name == "SIGINT"
+        assert stop.observe(True) and stop.signal_name == "SIGINT"
+    with StopRequest() as stop:  # another rank's signal, summed with the step's counts
+        assert stop.observe(True) and stop.signal_name == "a signal to another rank"
     assert signal.getsignal(signal.SIGINT) is before, "handlers are restored"

@@ -20,13 +20,15 @@ def test_fsdp_two_processes_match_ddp_resume_and_export(tmp_path, corpus_dir, to
     kw = dict(max_steps=4, eval_steps=2, save_steps=2, gradient_accumulation_steps=2,
               num_samples=1)
     outs = {}
-    for name, extra in (("fsdp", ["--fsdp", "full_shard"]), ("ddp", [])):
+    for name, extra in (("fsdp", ["--fsdp", "full_shard", "--ddp_timeout", "1234"]),
+                        ("ddp", [])):
         outs[name] = tmp_path / name
         torchrun(tmp_path, "train_clm.py",
                  toy_args(corpus_dir, tokenizer_dir, toy_config_dir, outs[name], **kw) + extra)
     fsdp, ddp = outs["fsdp"], outs["ddp"]
     dist = yaml.safe_load((fsdp / "run_config.yaml").read_text())["distributed"]
     assert dist["fsdp"] == "full_shard" and dist["fsdp_version"] == 2
+    assert dist["process_group_timeout_s"] == 1234  # --ddp_timeout, read from the group
     assert dist["accelerate_num_processes"] == 2 and dist["torch_world_size"] == 2
     # the same global batches, so the same losses and gradient norms as DDP
     a = [r for r in metrics(fsdp) if "loss" in r]

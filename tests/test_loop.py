@@ -1,13 +1,14 @@
 """The loop's pieces: loss on shifted labels, chunked fp32 loss, host-side counts, the GPU-path
 decisions (fused AdamW, flash attention, TF32) taken on CPU, and the logged loss window."""
 
+import json
 from types import SimpleNamespace
 
 import pytest
 import torch
 import torch.nn.functional as F
 
-from clm import loop, runtime
+from clm import attention, loop, runtime
 from clm.config import TrainingConfig
 from helpers import metrics, run, toy_args
 
@@ -143,8 +144,8 @@ def test_gpu_math_settings_and_attention_choice_on_cpu():
     finally:
         torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = old
     # CPU: SDPA picks its own kernel; nothing is restricted or probed
-    assert runtime.choose_attention(torch.device("cpu"), "bf16", "sdpa", 64) is None
-    with runtime.sdpa_backends():
+    assert attention.choose_attention(torch.device("cpu"), "bf16", "sdpa", 64) is None
+    with attention.sdpa_backends():
         pass
 
 
@@ -152,7 +153,7 @@ def test_gpu_math_settings_and_attention_choice_on_cpu():
 def test_flash_attention_is_used_on_cuda():
     from torch.nn.attention import SDPBackend
 
-    chosen = runtime.choose_attention(torch.device("cuda"), "bf16", "sdpa", 64)
+    chosen = attention.choose_attention(torch.device("cuda"), "bf16", "sdpa", 64)
     assert chosen == [SDPBackend.FLASH_ATTENTION]
     model = toy_model().cuda()
     ids = torch.randint(1, 50, (2, 16), device="cuda")
@@ -212,17 +213,53 @@ def test_fp16_skipped_step_does_not_break_the_next_and_norm_is_unscaled(tmp_path
         return torch.stack([p.grad.norm() for p in clone.parameters()]).norm().item()
 
     # a step whose loss is not finite is skipped...
-    nll, labels, tokens = loop.forward_backward(model, [batch], accelerator)
+    sums = loop.forward_backward(model, [batch], accelerator)
     before = {k: v.clone() for k, v in model.state_dict().items()}
-    *_, finite = loop._optimizer_step(accelerator, model, optimizer, cfg,
-                                      torch.tensor(float("inf"), dtype=torch.float64), labels,
-                                      tokens)
+    sums[0] = float("inf")
+    finite = loop._optimizer_step(accelerator, model, optimizer, cfg, sums).stepped
     assert not finite and all(torch.equal(before[k], v) for k, v in model.state_dict().items())
     assert accelerator.scaler.get_scale() == 1024.0, "the gradients were finite: no overflow"
     # ...and the next one steps (before the fix: "unscale_() has already been called")
     expected = true_norm()
-    nll, labels, tokens = loop.forward_backward(model, [batch], accelerator)
-    _, _, _, grad_norm, finite = loop._optimizer_step(accelerator, model, optimizer, cfg, nll,
-                                                      labels, tokens)
+    sums = loop.forward_backward(model, [batch], accelerator)
+    _, _, _, grad_norm, finite, _ = loop._optimizer_step(accelerator, model, optimizer, cfg, sums)
     assert finite and not all(torch.equal(before[k], v) for k, v in model.state_dict().items())
     assert grad_norm == pytest.approx(expected, rel=1e-4), "the norm of unscaled gradients"
+
+
+def test_one_host_sync_per_optimizer_step(tmp_path, corpus_dir, tokenizer_dir, toy_config_dir,
+                                          monkeypatch):
+    """One value read from the device per step (the step's sums with the gradient norm), on
+    one process and under 2-process DDP (where the stop flag used to be a second)."""
+    from helpers import HostReads, ROOT, torchrun
+
+    reads = HostReads()
+    reads.install(monkeypatch.setattr)
+    run(toy_args(corpus_dir, tokenizer_dir, toy_config_dir, tmp_path / "one", max_steps=4,
+                 eval_steps=2, save_steps=2, num_samples=0, gradient_accumulation_steps=2))
+    assert reads.per_step == [1] * 4
+    out = tmp_path / "ddp"
+    torchrun(tmp_path, "tests/dist_sync_check.py",
+             toy_args(corpus_dir, tokenizer_dir, toy_config_dir, out, max_steps=3, eval_steps=0,
+                      num_samples=0))
+    for rank in (0, 1):
+        assert json.loads((out / f"host_reads_{rank}.json").read_text()) == [1] * 3
+    assert (ROOT / "tests/dist_sync_check.py").is_file()
+
+
+def test_host_tensors_reach_cuda_pinned_and_without_waiting(monkeypatch):
+    """A copy from pageable host memory to CUDA waits for the device; loop.to_device pins."""
+    calls = []
+    monkeypatch.setattr(torch.Tensor, "pin_memory",
+                        lambda self: calls.append("pin") or self.clone())
+    monkeypatch.setattr(torch.Tensor, "is_pinned", lambda self: False)
+    monkeypatch.setattr(torch.Tensor, "to",
+                        lambda self, device, non_blocking=False: calls.append(
+                            (str(device), non_blocking)) or self)
+    loop.to_device(torch.zeros(3), torch.device("cuda"))
+    assert calls == ["pin", ("cuda", True)]
+    calls.clear()
+    loop.prepare_batch({"input_ids": torch.ones(2, 4, dtype=torch.long),
+                        "attention_mask": torch.ones(2, 4, dtype=torch.long),
+                        "labels": torch.ones(2, 4, dtype=torch.long)}, torch.device("cuda"))
+    assert calls == ["pin", ("cuda", True)] * 2  # input ids and labels (the mask is dropped)

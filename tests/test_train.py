@@ -107,7 +107,7 @@ def test_lr_schedule():
 
 
 def test_nan_guard_skips_then_stops(tmp_path, corpus_dir, tokenizer_dir, toy_config_dir,
-                                    monkeypatch):
+                                    monkeypatch, capsys):
     from safetensors.torch import load_file
 
     calls = {"n": 0}
@@ -133,9 +133,13 @@ def test_nan_guard_skips_then_stops(tmp_path, corpus_dir, tokenizer_dir, toy_con
 
     bad.update(range(0, 100))
     reset_accelerate()
-    with pytest.raises(FloatingPointError, match="3 optimizer steps in a row"):
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as e:  # a failed run: one line, exit 1 (tests/test_failures.py)
         run(toy_args(corpus_dir, tokenizer_dir, toy_config_dir, tmp_path / "nan2",
                      eval_steps=0, max_steps=6, validation_split_percentage=0, max_bad_steps=3))
+    assert e.value.code == 1
+    assert capsys.readouterr().err.splitlines()[-1].startswith(
+        "error: 3 optimizer steps in a row had a non-finite loss or gradient")
 
 
 def test_eager_and_sdpa_agree(toy_config_dir, tokenizer):
