@@ -148,9 +148,39 @@ def _zero_weights(state_dir: Path) -> dict:
     from .runtime import deepspeed_device
 
     deepspeed_device()
+    if list((state_dir / ZERO_TAG).glob("bf16_*_optim_states.pt")):
+        return _bf16_optimizer_weights(state_dir)
     from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
     return get_fp32_state_dict_from_zero_checkpoint(str(state_dir), tag=ZERO_TAG)
+
+
+def _bf16_optimizer_weights(state_dir: Path) -> dict:
+    """fp32 masters of a checkpoint written by DeepSpeed's BF16_Optimizer (ZeRO-1 under bf16),
+    whose partition files zero_to_fp32 does not read: DeepSpeed's universal converter (the
+    same one a resume on a new number of processes uses) writes each parameter whole, as
+    `zero/<name>/fp32.pt`, into a temporary folder."""
+    import tempfile
+
+    from .backend import _convert_to_universal
+
+    with tempfile.TemporaryDirectory(dir=state_dir.parent.parent) as tmp:
+        universal = Path(tmp) / "universal"
+        error = _convert_to_universal(state_dir, [ZERO_TAG], universal)
+        if error:
+            raise UsageError(f"could not read the bf16 DeepSpeed checkpoint {state_dir} "
+                             f"({error}); export a checkpoint saved by ZeRO-2 or -3")
+        params = universal / ZERO_TAG / "zero"
+        state = {p.name: torch.load(p / "fp32.pt", weights_only=False)["param"]
+                 for p in params.iterdir() if (p / "fp32.pt").is_file()}
+    # a tied weight (lm_head.weight of GPT-2) is written too, from its own, stale copy: it
+    # is the one it is tied to, as zero_to_fp32 makes it
+    model_states = next((state_dir / ZERO_TAG).glob("*_model_states.pt"))
+    shared = torch.load(model_states, weights_only=False, map_location="cpu").get("shared_params")
+    for alias, source in (shared or {}).items():
+        if source in state:
+            state[alias] = state[source]
+    return state
 
 
 def _fsdp_weights(dcp_dir: Path) -> dict:

@@ -42,6 +42,45 @@ def test_every_ds_config_is_filled_from_the_run_options():
         assert stage == int(f.stem[4])
         if stage == 3:
             assert config["zero_optimization"]["stage3_gather_16bit_weights_on_model_save"]
+        # no bucket "auto" left for Accelerate, which would fill them from the model's width
+        # (hidden^2 = 589,824 elements for GPT-2); bf16 left to enable, from --mixed_precision;
+        # ZeRO-3's persistence threshold left to Accelerate's 10 x hidden
+        left = {"zero_optimization.stage3_param_persistence_threshold"} if stage == 3 else set()
+        assert autos(config) == {"bf16.enabled", "fp16.enabled"} | left, f
+        assert config["zero_optimization"]["reduce_bucket_size"] == 50_000_000
+        if stage == 3:
+            assert config["zero_optimization"]["stage3_prefetch_bucket_size"] == 50_000_000
+        # DeepSpeed's own choices without bf16 (fp32 already, fp16 loss-scaled)
+        assert "communication_data_type" not in config and config["data_types"] == {}
+
+
+def autos(config, prefix="") -> set:
+    """The dotted keys of `config` still "auto"."""
+    found = set()
+    for key, value in config.items():
+        if isinstance(value, dict):
+            found |= autos(value, f"{prefix}{key}.")
+        elif value == "auto":
+            found.add(prefix + key)
+    return found
+
+
+def test_bf16_ds_configs_accumulate_and_reduce_in_fp32():
+    """What DeepSpeed reads from every filled JSON (zero3_offload's engine is not built on
+    CPU: its offloaded optimizer is DeepSpeed's compiled CPU Adam)."""
+    from deepspeed.runtime.config import DeepSpeedConfig
+
+    for f in DS_FILES:
+        config = runtime.deepspeed_config(str(f), train_cfg(mixed_precision="bf16"),
+                                          world_size=1)  # DeepSpeedConfig's, without a group
+        config["bf16"]["enabled"], config["fp16"]["enabled"] = True, False  # as Accelerate does
+        if "stage3_param_persistence_threshold" in config["zero_optimization"]:
+            config["zero_optimization"]["stage3_param_persistence_threshold"] = 640  # likewise
+        parsed = DeepSpeedConfig(config)
+        assert parsed.communication_data_type == torch.float32, f
+        assert parsed.grad_accum_dtype == "fp32", f
+        assert parsed.zero_config.reduce_bucket_size == 50_000_000
+        assert parsed.zero_config.prefetch_bucket_size == 50_000_000
 
 
 @pytest.mark.parametrize("change, message", [
@@ -63,6 +102,58 @@ def test_ds_config_contradictions_are_errors(tmp_path, change, message):
     assert message in str(e.value) and "\n" not in str(e.value)
 
 
+def test_ds_config_keeps_precision_values_it_sets(tmp_path):
+    config = json.loads((ROOT / "ds_configs" / "zero2.json").read_text())
+    config.update(communication_data_type="bf16", data_types={"grad_accum_dtype": "bf16"})
+    config["zero_optimization"]["reduce_bucket_size"] = 1000
+    path = tmp_path / "ds.json"
+    path.write_text(json.dumps(config))
+    filled = runtime.deepspeed_config(str(path), train_cfg(mixed_precision="bf16"), 2)
+    assert filled["communication_data_type"] == filled["data_types"]["grad_accum_dtype"] == "bf16"
+    assert filled["zero_optimization"]["reduce_bucket_size"] == 1000
+
+
+def test_bf16_engines_accumulate_and_reduce_in_fp32(tmp_path):
+    """Real engines of ZeRO-1/2/3 over two processes, built as the session builds them, one
+    optimizer step of two micro-batches each (tests/dist_ds_precision_check.py)."""
+    env = {k: v for k, v in os.environ.items()
+           if not k.startswith("ACCELERATE_") and k not in
+           ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")}
+    env.update(DS_ACCELERATOR="cpu", HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1")
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone",
+                           "--nproc_per_node", "2", "tests/dist_ds_precision_check.py",
+                           str(tmp_path), "zero1,zero2,zero3"],
+                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
+    seen = {n: json.loads((tmp_path / f"{n}.json").read_text()) for n in ("zero1", "zero2",
+                                                                           "zero3")}
+    # ZeRO-1 under bf16 with fp32 accumulation is DeepSpeed's BF16_Optimizer: fp32 gradient
+    # buffers, all-reduced once per step in its own 5e8-element buckets
+    assert seen["zero1"]["optimizer"] == "BF16_Optimizer"
+    assert seen["zero2"]["optimizer"] == "DeepSpeedZeroOptimizer"
+    assert seen["zero3"]["optimizer"] == "DeepSpeedZeroOptimizer_Stage3"
+    for name, info in seen.items():
+        assert info["communication_data_type"] == info["grad_accum_dtype"] == "torch.float32"
+        assert set(info["grad_buffer_dtypes"]) <= {"torch.float32"}, name
+        # every floating tensor reduced was fp32 (the loop's token counts are float64)
+        assert info["reduced_dtypes"] == ["float32", "float64"], name
+        assert info["stepped"] and info["grad_norm"] > 0
+    for name in ("zero2", "zero3"):
+        assert seen[name]["reduce_bucket_size"] == 50_000_000
+    assert seen["zero3"]["prefetch_bucket_size"] == 50_000_000
+    # Accelerate's 10 x hidden (64): the toy model's matrices (4,096 to 32,768 elements,
+    # all under DeepSpeed's own default of 1e5) are sharded, its biases and norms kept whole
+    z3 = seen["zero3"]
+    assert z3["param_persistence_threshold"] == 640
+    kept = set(z3["persistent"])
+    assert kept and all(n.endswith(("bias", "ln_1.weight", "ln_2.weight", "ln_f.weight"))
+                        for n in kept), kept
+    assert "transformer.h.0.mlp.c_fc.weight" in set(z3["params"]) - kept
+    # the same two micro-batches, so the same step (bf16 forward, fp32 sums)
+    losses = [info["loss"] for info in seen.values()]
+    assert losses == pytest.approx([losses[0]] * 3, rel=1e-6)
+
+
 def test_missing_or_broken_deepspeed_file_is_one_line_exit_2(tmp_path, capsys):
     with pytest.raises(SystemExit) as e:
         run(["--output_dir", str(tmp_path / "o"), "--deepspeed", str(tmp_path / "nope.json")])
@@ -74,6 +165,14 @@ def test_missing_or_broken_deepspeed_file_is_one_line_exit_2(tmp_path, capsys):
     bad.write_text("{not json")
     with pytest.raises(UsageError, match="cannot read DeepSpeed config"):
         runtime.deepspeed_config(str(bad), train_cfg(), world_size=1)
+
+
+def test_ddp_timeout_must_be_positive(tmp_path, capsys):
+    with pytest.raises(SystemExit) as e:
+        run(["--output_dir", str(tmp_path / "o"), "--ddp_timeout", "0"])
+    assert e.value.code == 2 and not (tmp_path / "o").exists()
+    assert capsys.readouterr().err.strip().splitlines() == [
+        "error: --ddp_timeout must be > 0 seconds (got 0)"]
 
 
 def launch_env(config_file):
@@ -127,13 +226,19 @@ def test_zero3_two_processes_match_ddp_resume_and_export(tmp_path, corpus_dir, t
     kw = dict(max_steps=4, eval_steps=2, save_steps=2, gradient_accumulation_steps=2,
               num_samples=1)
     outs = {}
-    for name, extra in (("zero3", ["--deepspeed", str(ROOT / "ds_configs" / "zero3.json")]),
-                        ("ddp", [])):
+    # --ddp_timeout reaches the process group, read back from it: 600 s is also Accelerate's
+    # (nccl) default, which it would not pass on, leaving gloo at torch's 1800 s
+    for name, extra in (("zero3", ["--deepspeed", str(ROOT / "ds_configs" / "zero3.json"),
+                                   "--ddp_timeout", "1234"]),
+                        ("ddp", ["--ddp_timeout", "600"])):
         out = outs[name] = tmp_path / name
         args = toy_args(corpus_dir, tokenizer_dir, toy_config_dir, out, **kw) + extra
         torchrun(tmp_path, "train_clm.py", args)
     z3, ddp = outs["zero3"], outs["ddp"]
     dist = yaml.safe_load((z3 / "run_config.yaml").read_text())["distributed"]
+    ddp_dist = yaml.safe_load((ddp / "run_config.yaml").read_text())["distributed"]
+    assert dist["process_group_timeout_s"] == 1234 and ddp_dist["type"] == "MULTI_CPU"
+    assert ddp_dist["process_group_timeout_s"] == 600
     assert dist["type"] == "DEEPSPEED" and dist["zero_stage"] == 3
     assert dist["accelerate_num_processes"] == 2 and dist["torch_world_size"] == 2
     assert dist["deepspeed_config"]["train_batch_size"] == 2 * 4 * 2
@@ -198,17 +303,24 @@ def test_zero2_one_process_launched_like_accelerate_matches_plain_run(
 
 
 
-def test_zero2_bf16_folders_hold_the_fp32_masters_export_rebuilds(
-        tmp_path, corpus_dir, tokenizer_dir, toy_config_dir):
+@pytest.mark.parametrize("name", ["zero1", "zero2"])
+def test_bf16_zero_trains_and_folders_hold_the_fp32_masters_export_rebuilds(
+        tmp_path, corpus_dir, tokenizer_dir, toy_config_dir, name):
+    """ZeRO-2, and ZeRO-1 (under bf16 DeepSpeed's BF16_Optimizer, with its own checkpoint
+    files, which zero_to_fp32 does not read: export goes through the universal converter)."""
     from safetensors.torch import load_file
 
-    out = tmp_path / "zero2_bf16"
+    out = tmp_path / f"{name}_bf16"
     args = toy_args(corpus_dir, tokenizer_dir, toy_config_dir, out, max_steps=3, eval_steps=3,
                     save_steps=3, num_samples=0, mixed_precision="bf16") + [
-        "--deepspeed", str(ROOT / "ds_configs" / "zero2.json")]
+        "--deepspeed", str(ROOT / "ds_configs" / f"{name}.json")]
     proc = subprocess.run([sys.executable, str(ROOT / "train_clm.py"), *args], cwd=tmp_path,
                           capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-4000:]
+    ds = yaml.safe_load((out / "run_config.yaml").read_text())["distributed"]["deepspeed_config"]
+    assert ds["communication_data_type"] == ds["data_types"]["grad_accum_dtype"] == "fp32"
+    losses = [r["loss"] for r in train_records(out)]
+    assert len(losses) == 3 and losses[-1] < losses[0] - 0.1, losses
     final = load_file(out / "model.safetensors")
     # the masters, not the engine's bf16 copies: fp32 values bf16 cannot hold
     w = final["transformer.h.0.mlp.c_fc.weight"]
@@ -218,4 +330,4 @@ def test_zero2_bf16_folders_hold_the_fp32_masters_export_rebuilds(
     checkpoint = load_file(out / "checkpoints" / "step-3" / "model.safetensors")
     assert final.keys() == exported.keys() == checkpoint.keys()
     assert all(torch.equal(final[k], exported[k]) and torch.equal(final[k], checkpoint[k])
-               for k in final)
+               for k in final), [k for k in final if not torch.equal(final[k], exported[k])]
