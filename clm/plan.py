@@ -6,20 +6,25 @@ the chosen backend, whether it fits, what would, and the time to --max_steps.
         --dry_run_gpu_memory_gb 24 --deepspeed ds_configs/zero3.json --dry_run_num_gpus 8
 
 Nothing is read, downloaded or written: the model is built on the meta device (shapes, no
-storage) from the preset or a local config, and the vocabulary is read from a local tokenizer's
-files (else GPT-2's 50257 is assumed). The data options are not checked either, so a plan can be
-made where the data is not mounted (a login node, a laptop); the real run checks them first.
+storage) from the preset or a local config (--model_name_or_path: its config only, never its
+weights), and the vocabulary is read from a local tokenizer's files (else GPT-2's 50257 is
+assumed). The data options are not checked either, so a plan can be made where the data is not
+mounted (a login node, a laptop); the real run checks them first.
 
 The figures are estimates for eager PyTorch, meant to tell 20 GiB from 60 GiB, not to the last
-GiB: allocator fragmentation, CUDA context, NCCL buffers and kernels' workspaces come on top,
-which is what the 10% margin is for. Where DeepSpeed is installed its own estimator of the model
-states is printed beside ours. Human-readable lines first; the last line is one JSON object.
+GiB: allocator fragmentation, CUDA context, NCCL buffers, communication buckets and kernels'
+workspaces come on top, which is what the 10% margin is for. Memory is printed term by term
+(memory_terms: what is alive at the start of a backward pass, where the step peaks). Where
+DeepSpeed is installed its own estimator of the model states is printed beside ours.
+Human-readable lines first; the last line is one JSON object.
 """
 
 from __future__ import annotations
 
+import functools
 import json
 import os
+from collections import deque
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -45,7 +50,7 @@ class Shape:
     name: str
     params: int
     non_embedding: int
-    largest_layer: int      # parameters of the largest module (ZeRO-3/FSDP gather it whole)
+    largest_layer: int      # parameters of the largest module (ZeRO-3 gathers one module at a time)
     n_layer: int
     n_head: int
     hidden: int
@@ -53,6 +58,15 @@ class Shape:
     positions: int
     flops_per_token: float
     vocab_note: str
+    # Each module's own parameters (indices into `numels`, one per distinct parameter, tied
+    # ones once), in forward order: the trace ZeRO-3 fetches and releases parameters by.
+    units: tuple = ()
+    numels: tuple = ()
+    # FSDP's shard groups: the largest transformer block, and what is outside every block
+    # (embeddings, final norm, a tied head), which the root group keeps gathered.
+    largest_block: int = 0
+    root_params: int = 0
+    checkpoint_dtype: str | None = None   # the dtype a --model_name_or_path config records
 
 
 def tokenizer_vocab(name: str | None) -> tuple[int, str]:
@@ -128,17 +142,41 @@ def model_shape(data_cfg: DataConfig, model_cfg: ModelConfig) -> Shape:
     if data_cfg.block_size > positions:
         raise UsageError(f"--block_size {data_cfg.block_size} is above the model's {positions} "
                          f"positions (use --block_size {positions} or less)")
-    largest = max(sum(p.numel() for p in m.parameters(recurse=False)) for m in model.modules())
     name = model_cfg.model_name_or_path or model_cfg.config_name or model_cfg.model_preset
+    dtype = getattr(config, "dtype", None) if model_cfg.model_name_or_path else None
+    return shape_of(model, name, data_cfg.block_size, note,
+                    str(dtype).replace("torch.", "") if dtype is not None else None)
+
+
+def shape_of(model, name: str, block_size: int, vocab_note: str = "",
+             checkpoint_dtype: str | None = None) -> Shape:
+    """The Shape of a model (on the meta device or not: only shapes are read)."""
+    from .backend import transformer_blocks
+
+    c = model.config
+    index = {id(p): i for i, p in enumerate(model.parameters())}  # tied parameters once
+    numels = tuple(p.numel() for p in model.parameters())
+    units = tuple(u for u in (tuple(index[id(p)] for p in m.parameters(recurse=False))
+                              for m in model.modules()) if u)
+    try:
+        blocks = transformer_blocks(model)
+    except ValueError:  # no block class named: FSDP's figure falls back to the largest module
+        blocks = []
+    in_blocks = {id(p) for b in blocks for p in b.parameters()}
     return Shape(name=name, params=models.num_params(model),
                  non_embedding=models.num_params(model, non_embedding=True),
-                 largest_layer=largest,
+                 largest_layer=max(sum(numels[i] for i in u) for u in units),
                  n_layer=getattr(c, "n_layer", None) or c.num_hidden_layers,
                  n_head=getattr(c, "n_head", None) or c.num_attention_heads,
                  hidden=getattr(c, "n_embd", None) or c.hidden_size, vocab=c.vocab_size,
-                 positions=positions,
-                 flops_per_token=models.flops_per_token(model, data_cfg.block_size),
-                 vocab_note=note)
+                 positions=getattr(c, "n_positions", None) or c.max_position_embeddings,
+                 flops_per_token=models.flops_per_token(model, block_size),
+                 vocab_note=vocab_note, units=units, numels=numels,
+                 largest_block=max((sum(p.numel() for p in b.parameters()) for b in blocks),
+                                   default=0),
+                 root_params=sum(p.numel() for p in model.parameters()
+                                 if id(p) not in in_blocks) if blocks else 0,
+                 checkpoint_dtype=checkpoint_dtype)
 
 
 # --- how the run is set up
@@ -159,6 +197,10 @@ class Setup:
     num_gpus: int
     block_size: int
     eager_attention: bool
+    # DeepSpeed: the JSON's data_types.grad_accum_dtype ("fp32", "bf16", "fp16"; None: the
+    # model's dtype, DeepSpeed's default) and its ZeRO-3 knobs as (key, value) pairs
+    grad_accum_dtype: str | None = None
+    zero3: tuple = ()
 
     @property
     def half(self) -> bool:
@@ -176,15 +218,65 @@ class Setup:
         if offload:
             what += f" (offload to host: {' and '.join(offload)})"
         prec = {"no": "fp32", "bf16": "bf16", "fp16": "fp16"}[self.precision]
-        if self.half and self.backend != "deepspeed":
-            prec += " autocast"
+        if self.half:
+            prec += {"ddp": " autocast over fp32 weights",
+                     "fsdp": " compute over fp32 shards (MixedPrecisionPolicy)"}.get(
+                self.backend, " engine over fp32 masters")
+        if self.backend == "deepspeed" and self.half:
+            prec += f", {self.grad_accum_dtype or self.precision} gradient accumulation"
         ckpt = "with" if self.checkpointing else "no"
         return f"{what}, {prec}, {ckpt} gradient checkpointing"
 
 
-def _offloads(zero: dict) -> tuple[bool, bool]:
+def _dtype_name(value) -> str | None:
+    """DeepSpeed's spelling of a dtype ("fp32", "float32", "torch.float32", ...) as fp32, bf16 or
+    fp16; None where unset."""
+    if value in (None, "auto"):
+        return None
+    name = str(value).lower().replace("torch.", "")
+    return {"float32": "fp32", "float": "fp32", "bfloat16": "bf16", "float16": "fp16",
+            "half": "fp16"}.get(name, name)
+
+
+ZERO3_KNOBS = {  # DeepSpeed 0.19's defaults where the JSON leaves a knob out
+    "stage3_prefetch_bucket_size": 50_000_000,
+    "stage3_param_persistence_threshold": 100_000,
+    "stage3_model_persistence_threshold": 2**63 - 1,
+    "stage3_max_live_parameters": 1_000_000_000,
+    "stage3_max_reuse_distance": 1_000_000_000,
+}
+
+
+def deepspeed_choices(config: dict) -> dict:
+    """What memory_bytes needs from a DeepSpeed JSON (its "auto" values are resolved later,
+    against the model's hidden size, as Accelerate resolves them)."""
+    zero = config.get("zero_optimization", {}) or {}
+    stage = int(zero.get("stage", 0))
     device = lambda key: (zero.get(key) or {}).get("device", "none") not in ("none", None)  # noqa
-    return device("offload_optimizer"), device("offload_param")
+    knobs = {k: zero.get(k, zero.get(k.replace("stage3_", ""), default))
+             for k, default in ZERO3_KNOBS.items()}
+    return dict(backend="deepspeed", shard=stage, offload_optimizer=device("offload_optimizer"),
+                offload_params=device("offload_param") and stage == 3,
+                grad_accum_dtype=_dtype_name((config.get("data_types") or {}).get(
+                    "grad_accum_dtype")),
+                zero3=tuple(sorted(knobs.items())) if stage == 3 else ())
+
+
+def _repo_deepspeed(path: str, s: Setup) -> dict:
+    """deepspeed_choices of one of the repository's ds_configs (a suggestion names it), filled
+    as the run would fill it for `s`; of an empty config where the file is not there."""
+    from . import runtime
+
+    file = Path(__file__).resolve().parent.parent / path
+    cfg = TrainingConfig(output_dir="plan", mixed_precision=s.precision,
+                         per_device_train_batch_size=s.micro_batch,
+                         gradient_accumulation_steps=s.accumulation)
+    try:
+        return deepspeed_choices(runtime.deepspeed_config(str(file), cfg, s.num_gpus))
+    except UsageError:
+        offload = {"offload_optimizer": {"device": "cpu"}, "offload_param": {"device": "cpu"}}
+        return deepspeed_choices({"zero_optimization": {
+            "stage": 3, **(offload if "offload" in path else {})}})
 
 
 def setup_of(train_cfg: TrainingConfig, block_size: int, num_gpus: int,
@@ -200,10 +292,8 @@ def setup_of(train_cfg: TrainingConfig, block_size: int, num_gpus: int,
                   block_size=block_size, eager_attention=eager_attention)
     ds_file = runtime.deepspeed_config_file(train_cfg)
     if ds_file:  # checked as the run would check it (contradictions are errors here too)
-        zero = runtime.deepspeed_config(ds_file, train_cfg, num_gpus).get("zero_optimization", {})
-        optimizer, params = _offloads(zero)
-        return Setup("deepspeed", int(zero.get("stage", 0)), optimizer,
-                     params and int(zero.get("stage", 0)) == 3, **common)
+        return Setup(**deepspeed_choices(runtime.deepspeed_config(ds_file, train_cfg, num_gpus)),
+                     **common)
     if train_cfg.fsdp or os.environ.get("ACCELERATE_USE_FSDP", "").lower() in ("1", "true"):
         return Setup("fsdp", 3, False, False, **common)  # full_shard, the one mode supported
     return Setup("ddp", 0, False, False, **common)
@@ -211,46 +301,121 @@ def setup_of(train_cfg: TrainingConfig, block_size: int, num_gpus: int,
 
 # --- memory
 
-def memory_bytes(shape: Shape, s: Setup) -> dict:
-    """Per-GPU bytes at the peak of a step (the start of the backward pass), by kind, plus what
-    offloading keeps on the host."""
-    p, n = shape.params, s.num_gpus
-    part = lambda stage: n if s.shard >= stage else 1  # noqa: E731 (divisor of a sharded kind)
-    if s.backend == "deepspeed" and s.half:
-        # DeepSpeed trains a 16-bit model: 2 bytes of weights and of gradients per parameter;
-        # the optimizer holds fp32 master weights and AdamW's two fp32 states (12 bytes), and
-        # casts its shard of the gradients to fp32 for the step (4 bytes). Replicated or sharded
-        # by stage: 1 the optimizer, 2 also the gradients, 3 also the weights.
-        weights, grads = 2 * p / part(3), 2 * p / part(2)
-        optimizer, fp32_grads = 12 * p / part(1), 4 * p / part(1)
+def memory_terms(shape: Shape, s: Setup) -> list[tuple[str, str, float, str | None]]:
+    """Per-GPU bytes alive at the peak of a step (the start of a micro-batch's backward pass),
+    term by term: (kind, what, bytes, offload), `offload` naming the ZeRO offload that moves
+    the term to host memory ("optimizer", "params") or None.
+
+    The weights the optimizer updates are fp32 whatever dtype a checkpoint was saved in
+    (model.build_model loads them so): bf16/fp16 is compute only, through autocast (DDP),
+    FSDP's MixedPrecisionPolicy, or the 16-bit model of DeepSpeed's engine, whose optimizer
+    keeps fp32 master partitions.
+    """
+    p, n, z = shape.params, s.num_gpus, s.shard
+    c = 2 if s.half else 4  # bytes of a value in the compute dtype
+    dt = s.precision if s.half else "fp32"
+    terms = []
+
+    def add(kind, what, nbytes, offload=None, stage=0):
+        if stage and z >= stage and n > 1:
+            what += f", 1/{n} shard"
+        terms.append((kind, what, float(nbytes), offload))
+
+    part = lambda stage: n if z >= stage else 1  # noqa: E731 (divisor of a sharded term)
+    loaded = shape.checkpoint_dtype not in (None, "float32")
+    masters = f" (the checkpoint's {shape.checkpoint_dtype} loaded as fp32)" if loaded else ""
+    if s.backend == "ddp":
+        add("weights", f"fp32 weights, the masters AdamW updates{masters}", 4 * p)
+        if s.half:
+            # cached by autocast through the forward pass and kept by autograd for the backward
+            add("weights", f"{dt} autocast copies of the weights", 2 * p)
+        add("gradients", "fp32 gradients", 4 * p)
+        if n > 1:  # Accelerate's default gradient_as_bucket_view=False: a second copy
+            add("gradients", "DDP's gradient buckets", 4 * p)
+        add("optimizer", "AdamW's two fp32 moments", 8 * p)
+    elif s.backend == "fsdp":
+        add("weights", f"fp32 weights{masters}", 4 * p / n, stage=3)
+        # the root group (embeddings, final norm, a tied head) stays gathered from its forward
+        # to its backward; a block is gathered while in use, and the next one is prefetched
+        block = shape.largest_block or shape.largest_layer
+        add("weights", f"{dt} parameters gathered: the root group's and two blocks'",
+            c * (shape.root_params + 2 * block))
+        add("gradients", "fp32 gradients", 4 * p / n, stage=3)
+        add("gradients", f"one block's unsharded {dt} gradient and its fp32 reduce-scatter "
+            "copy", (c + 4) * block)
+        if s.accumulation > 1:
+            # set_requires_gradient_sync(False) on every micro-batch but the last
+            # (backend.FSDPBackend.micro_batch): torch 2.13's FSDPParam keeps each gradient
+            # unsharded until the reduce-scatter, upcast to the fp32 reduce_dtype under
+            # bf16/fp16 (to_accumulated_grad_if_needed), fp32 as computed without: the whole
+            # model's, not 1/N
+            add("gradients", "FSDP's unsharded fp32 gradients, accumulated over the "
+                "micro-batches", 4 * p)
+        add("optimizer", "AdamW's two fp32 moments", 8 * p / n, stage=3)
+    elif s.half:
+        add("weights", f"{dt} weights (the engine's model)", 2 * p / part(3), "params", 3)
+        add("optimizer", f"fp32 master weights{masters}", 4 * p / part(1), "optimizer", 1)
+        add("optimizer", "AdamW's two fp32 moments", 8 * p / part(1), "optimizer", 1)
+        if (s.grad_accum_dtype or s.precision) == "fp32":
+            # data_types.grad_accum_dtype fp32 (with communication_data_type fp32, so the
+            # reduction sums in fp32 too). ZeRO-1 then runs DeepSpeed's BF16_Optimizer (bf16),
+            # or keeps fp32 grad_accum tensors beside the fp16 gradients (fp16): a full-size
+            # fp32 buffer besides the 16-bit gradients, not partitioned; ZeRO-2/3 accumulate
+            # each rank's partition in fp32 and need no fp32 copy for the step.
+            if z <= 1:
+                add("gradients", f"{dt} gradients", 2 * p)
+                add("gradients", "fp32 gradient accumulation buffer (grad_accum_dtype fp32)",
+                    4 * p)
+            else:
+                add("gradients", "fp32 gradient partitions (grad_accum_dtype fp32)", 4 * p / n,
+                    "optimizer", 2)
+        else:
+            # gradients accumulate in the model's dtype; the step casts its partition to fp32.
+            # Partitioned (ZeRO-2/3), they are kept where the optimizer is (host if offloaded).
+            add("gradients", f"{dt} gradients", 2 * p / part(2), "optimizer" if z >= 2 else None,
+                2)
+            add("gradients", "fp32 gradients for the optimizer step", 4 * p / part(1),
+                "optimizer", 1)
     else:
-        # fp32 weights and gradients (DDP or FSDP, autocast or not; DeepSpeed in fp32) and
-        # AdamW's two fp32 states, no master copy needed.
-        weights, grads, optimizer, fp32_grads = 4 * p / part(3), 4 * p / part(2), \
-            8 * p / part(1), 0.0
-        if s.half and s.shard < 3:
-            # autocast's 16-bit copy of every weight, cached through the forward pass and kept
-            # by autograd for the backward
-            weights += 2 * p
-        if s.backend == "ddp" and n > 1:
-            # DDP's reducer keeps its own flat buckets of the gradients (Accelerate's default
-            # gradient_as_bucket_view=False): another copy of them
-            grads += 4 * p
-    if s.shard == 3:
-        # the largest module gathered whole, weights and gradients, in the compute dtype
-        weights += 2 * shape.largest_layer * (2 if s.half else 4)
-    host = 0.0
-    if s.offload_optimizer:
-        host += optimizer + fp32_grads
-        optimizer, fp32_grads = 0.0, 0.0
-    if s.offload_params:
-        gathered = 2 * shape.largest_layer * (2 if s.half else 4)
-        host += weights - gathered
-        weights = gathered
-    layers, logits = activation_bytes(shape, s)
-    total = weights + grads + fp32_grads + optimizer + layers + logits
-    return {"weights": weights, "gradients": grads + fp32_grads, "optimizer": optimizer,
-            "activations": layers + logits, "logits": logits, "total": total, "host": host}
+        add("weights", f"fp32 weights{masters}", 4 * p / part(3), "params", 3)
+        add("gradients", "fp32 gradients", 4 * p / part(2), None, 2)
+        add("optimizer", "AdamW's two fp32 moments", 8 * p / part(1), "optimizer", 1)
+    if s.backend == "deepspeed" and z == 3:
+        live, why = zero3_gathered(shape, s)
+        add("weights", f"ZeRO-3 gathered {dt} parameters: {_m(live)} of {_m(p)} ({why})",
+            c * live)
+        add("gradients", f"{dt} gradient of the largest module, before its reduce-scatter",
+            c * shape.largest_layer)
+    layers, _ = activation_bytes(shape, s)
+    terms.append(("activations", f"activations of {shape.n_layer} layers"
+                  + (" (checkpointed: their inputs and one layer's)" if s.checkpointing else ""),
+                  layers, None))
+    terms += [("logits", what, nbytes, None) for what, nbytes in logits_terms(shape, s)]
+    return terms
+
+
+def memory_bytes(shape: Shape, s: Setup) -> dict:
+    """Per-GPU bytes at the peak of a step, by kind (the logits are also in activations), the
+    terms themselves, and what offloading keeps on the host."""
+    out = dict.fromkeys(("weights", "gradients", "optimizer", "activations", "logits",
+                         "gathered", "host"), 0.0)
+    terms = []
+    for kind, what, nbytes, offload in memory_terms(shape, s):
+        host = (offload == "optimizer" and s.offload_optimizer) or \
+            (offload == "params" and s.offload_params)
+        terms.append({"kind": kind, "what": what, "bytes": nbytes,
+                      "where": "host" if host else "gpu"})
+        if host:
+            out["host"] += nbytes
+            continue
+        out["activations" if kind == "logits" else kind] += nbytes
+        if kind == "logits":
+            out["logits"] += nbytes
+        if what.startswith("ZeRO-3 gathered"):
+            out["gathered"] += nbytes
+    out["total"] = sum(out[k] for k in ("weights", "gradients", "optimizer", "activations"))
+    out["terms"] = terms
+    return out
 
 
 def activation_bytes(shape: Shape, s: Setup) -> tuple[float, float]:
@@ -265,32 +430,147 @@ def activation_bytes(shape: Shape, s: Setup) -> tuple[float, float]:
     (no mixed precision) double it; on CPU in fp32 this is within 20% of the bytes autograd
     saves for a GPT-2 forward (tests/test_plan.py).
     With --gradient_checkpointing each layer keeps only its input, b * s * h values in the
-    residual stream's dtype (fp32 under autocast, 16-bit under DeepSpeed), and one layer's full
-    set exists at a time while it is recomputed.
+    residual stream's dtype (fp32 under autocast, 16-bit under DeepSpeed and FSDP's bf16/fp16
+    parameters), and one layer's full set exists at a time while it is recomputed.
 
-    Logits: b * s * vocab values in the compute dtype, and their gradient of the same size.
-    In fp32 cross-entropy also keeps the log-softmax (another 4 bytes each); under bf16/fp16
-    the loss upcasts chunks of at most clm.loop.LOSS_CHUNK_ELEMENTS logits at a time (about
-    three fp32 copies of one chunk: upcast, log-softmax, gradient).
+    Logits: logits_terms.
     """
     b, t, h, a = s.micro_batch, s.block_size, shape.hidden, shape.n_head
     per_layer = b * t * h * (34 + (5 * a * t / h if s.eager_attention else 0))
     if not s.half:
         per_layer *= 2
     if s.checkpointing:
-        residual = 2 if (s.half and s.backend == "deepspeed") else 4
+        residual = 2 if (s.half and s.backend in ("deepspeed", "fsdp")) else 4
         layers = shape.n_layer * b * t * h * residual + per_layer
     else:
         layers = shape.n_layer * per_layer
-    values = b * t * shape.vocab
-    if s.half:
-        from . import loop
+    return float(layers), float(sum(nbytes for _, nbytes in logits_terms(shape, s)))
 
-        chunk = min(values, getattr(loop, "LOSS_CHUNK_ELEMENTS", 2**26))
-        logits = 2 * values * 2 + 3 * 4 * chunk
-    else:
-        logits = 3 * 4 * values
-    return float(layers), float(logits)
+
+# bytes per value of one loss chunk at its peak: fp32 upcast 4 + log-softmax 4 + 16-bit gradient 2
+LOSS_CHUNK_BYTES = 10
+
+
+def logits_terms(shape: Shape, s: Setup) -> list[tuple[str, float]]:
+    """What the loss (loop.token_nll -> loop.nll_sum) holds at its peak, the backward of its
+    last chunk, as (what, bytes); measured on CPU to the byte in tests/test_plan.py.
+
+    Under bf16/fp16 (autocast, FSDP's param dtype, DeepSpeed's 16-bit model) the logits reach
+    the loss in 16 bits (backend._autocast_outputs drops Accelerate's fp32 conversion), and
+    kept there for the chunks' recomputation: 2 bytes a value, and their gradient as many,
+    gathered from the chunks'. Each chunk of loop.LOSS_CHUNK_ELEMENTS // vocab rows is upcast
+    and log-softmaxed again in the backward: 10 bytes a value of one chunk. Logits of one
+    chunk or less, and fp32 logits (no mixed precision), go to cross-entropy whole: its
+    log-softmax, the gradient of that and the logits' gradient, 3 x 4 bytes a value (the
+    logits themselves are not kept). --torch_compile's compiled loss is not modelled.
+    """
+    from . import loop
+
+    tokens, vocab = s.micro_batch * s.block_size, shape.vocab
+    rows = max(1, loop.LOSS_CHUNK_ELEMENTS // vocab)
+    if s.half and tokens > rows:
+        return [(f"{s.precision} logits and their gradient, 2 x 2 B x {tokens:,} tokens x "
+                 f"{vocab:,}", 4.0 * tokens * vocab),
+                (f"one fp32 loss chunk of {rows:,} rows recomputed in the backward, "
+                 f"{LOSS_CHUNK_BYTES} B x {rows:,} x {vocab:,}",
+                 float(LOSS_CHUNK_BYTES * min(rows, tokens) * vocab))]
+    what = f"{s.precision} logits upcast whole (one chunk)" if s.half else "fp32 logits"
+    return [(f"{what}: log-softmax, its gradient, the logits' gradient, 3 x 4 B x {tokens:,} "
+             f"tokens x {vocab:,}", 12.0 * tokens * vocab)]
+
+
+def zero3_knobs(shape: Shape, s: Setup) -> dict:
+    """The ZeRO-3 knobs of the run's JSON (runtime.deepspeed_config has filled its "auto"s;
+    one left is filled the same way here), DeepSpeed's defaults where left out."""
+    from . import runtime
+
+    h = shape.hidden  # Accelerate's own "auto", where runtime has no value of its own
+    auto = {"stage3_prefetch_bucket_size": int(0.9 * h * h),
+            "stage3_param_persistence_threshold": 10 * h, **getattr(runtime, "DS_SIZES", {})}
+    knobs = dict(ZERO3_KNOBS, **dict(s.zero3))
+    return {k: int(float(auto.get(k, ZERO3_KNOBS[k]) if v == "auto" else v))
+            for k, v in knobs.items()}
+
+
+def zero3_gathered(shape: Shape, s: Setup) -> tuple[int, str]:
+    """Parameters ZeRO-3 holds gathered at once in a step (a steady one: the trace recorded),
+    and why, in words.
+
+    DeepSpeed 0.19.8 (partitioned_param_coordinator.py) gathers a module's parameters before
+    it runs and releases them after, unless they are persistent (numel at most
+    stage3_param_persistence_threshold: gathered once, kept) or used again within
+    stage3_max_reuse_distance parameters of the trace (forward, then backward). In the forward
+    that keeps every parameter whose backward comes within that distance: with zero3.json's
+    1e9, all of any model under ~0.5B parameters at the start of the backward.
+    stage3_max_live_parameters does not force releases: it only caps the prefetch
+    (min(max_live - gathered, stage3_prefetch_bucket_size) per fetch). Hence a replay of the
+    coordinator over the model's modules, in forward and reverse order, rather than a formula
+    (tests/test_plan.py checks it against a real ZeRO-3 engine on CPU).
+    """
+    if not shape.units:
+        return shape.params, "no module trace: all of them"
+    k = zero3_knobs(shape, s)
+    live = _replay_zero3(shape.units, shape.numels, k["stage3_prefetch_bucket_size"],
+                         k["stage3_param_persistence_threshold"],
+                         k["stage3_model_persistence_threshold"],
+                         k["stage3_max_live_parameters"], k["stage3_max_reuse_distance"])
+    why = (f"max_reuse_distance {k['stage3_max_reuse_distance']:.0e}, prefetch "
+           f"{k['stage3_prefetch_bucket_size']:.0e}, max_live "
+           f"{k['stage3_max_live_parameters']:.0e}, persistence threshold "
+           f"{k['stage3_param_persistence_threshold']:,}")
+    return live, why
+
+
+@functools.lru_cache(maxsize=16)
+def _replay_zero3(units: tuple, numels: tuple, prefetch: int, persist: int, model_persist: int,
+                  max_live: int, max_reuse: int) -> int:
+    """PartitionedParameterCoordinator's fetch, prefetch and release over one forward and
+    backward with a complete trace; the most parameters gathered at once."""
+    persistent, kept = set(), 0
+    for i, numel in enumerate(numels):  # parameter_offload.mark_persistent_parameters
+        if numel + kept <= model_persist and numel <= persist:
+            persistent.add(i)
+            kept += numel
+    trace = units + units[::-1]
+    queue = deque((i, step) for step, unit in enumerate(trace) for i in sorted(set(unit)))
+    recent: dict = {}  # the latest step a parameter was fetched for
+    gathered = set(persistent)
+    live, counted = kept, 0  # all gathered; those counted since the step began (n_available)
+    peak = live
+    for step, unit in enumerate(trace):
+        params = set(unit)
+        for i in params - gathered:  # fetch_sub_module
+            gathered.add(i)
+            live, counted = live + numels[i], counted + numels[i]
+        for _ in range(sum(1 for i in params if recent.get(i, -1) < step)):
+            if not queue:
+                break
+            i, used = queue.popleft()  # this module's own entries leave the prefetch queue
+            recent[i] = used
+        if prefetch > 0:
+            budget, fetched, new = min(max_live - counted, prefetch), 0, set()
+            while queue and fetched < budget:
+                i, used = queue.popleft()
+                recent[i] = max(recent.get(i, -1), used)
+                if i not in gathered and i not in new:
+                    new.add(i)
+                    fetched += numels[i]
+            gathered |= new
+            live, counted = live + fetched, counted + fetched
+        peak = max(peak, live)
+        nxt = step + 1  # release_sub_module, after the module ran: __params_to_release
+        release = {i for i in params if i not in persistent and recent.get(i, -1) <= nxt}
+        traversed = 0
+        for later in trace[nxt:]:
+            if traversed >= max_reuse or not release:
+                break
+            for i in later:
+                release.discard(i)
+                traversed += numels[i]
+        for i in release & gathered:
+            gathered.discard(i)
+            live, counted = live - numels[i], counted - numels[i]
+    return peak
 
 
 def deepspeed_estimate(shape: Shape, s: Setup) -> float | None:
@@ -333,19 +613,18 @@ def variants(s: Setup) -> list[tuple[str, str, Setup, float]]:
                     f"--per_device_train_batch_size {micro} --gradient_accumulation_steps "
                     f"{accum}", dict(micro_batch=micro, accumulation=accum), float(k)))
     if s.num_gpus > 1 and s.shard < 3:
+        # planned with the repository's JSON (its live-parameter knobs, its accumulation dtype)
         out.append(("DeepSpeed ZeRO-3", f"--deepspeed {ZERO3_JSON}",
-                    dict(backend="deepspeed", shard=3, offload_optimizer=False,
-                         offload_params=False), 1.5))
+                    _repo_deepspeed(ZERO3_JSON, s), 1.5))
         out.append(("FSDP full_shard", "--fsdp full_shard",
                     dict(backend="fsdp", shard=3, offload_optimizer=False,
-                         offload_params=False), 1.6))
+                         offload_params=False, grad_accum_dtype=None, zero3=()), 1.6))
     if not s.checkpointing:
         out.append(("gradient checkpointing", "--gradient_checkpointing",
                     dict(checkpointing=True), 2.0))
     if not (s.offload_optimizer and s.offload_params):
         out.append(("DeepSpeed ZeRO-3 with offload to host", f"--deepspeed {ZERO3_OFFLOAD_JSON}",
-                    dict(backend="deepspeed", shard=3, offload_optimizer=True,
-                         offload_params=True), 5.0))
+                    _repo_deepspeed(ZERO3_OFFLOAD_JSON, s), 5.0))
     return [(what, args, replace(s, **change), cost) for what, args, change, cost in out]
 
 
@@ -421,8 +700,11 @@ def make_plan(data_cfg: DataConfig, model_cfg: ModelConfig, train_cfg: TrainingC
         "tokens_per_step": tokens_per_step,
         "backend": s.describe(), "mixed_precision": s.precision,
         "gradient_checkpointing": s.checkpointing,
+        "checkpoint_dtype": shape.checkpoint_dtype,
         "memory_gib": {k: gib(mem[k]) for k in ("weights", "gradients", "optimizer",
-                                                "activations", "logits", "total")},
+                                                "activations", "logits", "gathered", "total")},
+        "memory_terms": [{"kind": t["kind"], "what": t["what"], "gib": gib(t["bytes"]),
+                          "where": t["where"]} for t in mem["terms"]],
         "host_gib_per_gpu": gib(mem["host"]),
         "deepspeed_estimate_gib": None if ds is None else gib(ds),
         "gpu": gpu, "gpu_memory_gib": round(float(gpu_gib), 3), "margin": MARGIN, "fits": fits,
@@ -455,15 +737,20 @@ def format_plan(plan: dict) -> list[str]:
         f"  backend           {plan['backend']}",
         f"  memory per GPU    weights {m['weights']:.2f} + gradients {m['gradients']:.2f} + "
         f"optimizer {m['optimizer']:.2f} + activations {m['activations']:.2f} (logits "
-        f"{m['logits']:.2f}) = {m['total']:.2f} GiB",
+        f"{m['logits']:.2f}) = {m['total']:.2f} GiB, at the start of a backward pass:",
     ]
+    for t in plan["memory_terms"]:
+        where = " (in host memory)" if t["where"] == "host" else ""
+        lines.append(f"    {t['kind']:<12}{t['gib']:7.2f}  {t['what']}{where}")
     if plan["host_gib_per_gpu"]:
         lines.append(f"  offloaded         {plan['host_gib_per_gpu']:.2f} GiB per GPU in host "
                      "memory")
     if plan["deepspeed_estimate_gib"] is not None:
-        ours = m["weights"] + m["gradients"] + m["optimizer"]
+        # its estimator counts one gathered layer, not what the coordinator keeps gathered
+        ours = m["weights"] + m["gradients"] + m["optimizer"] - m["gathered"]
         lines.append(f"  DeepSpeed says    {plan['deepspeed_estimate_gib']:.2f} GiB for weights, "
-                     f"gradients and optimizer states (ours: {ours:.2f})")
+                     f"gradients and optimizer states (ours: {ours:.2f}, and "
+                     f"{m['gathered']:.2f} of gathered parameters it does not count)")
     budget = (1 - plan["margin"]) * plan["gpu_memory_gib"]
     verdict = "fits" if plan["fits"] else "does NOT fit"
     lines.append(f"  {verdict:<17} {m['total']:.2f} GiB of {budget:.2f} usable ({plan['gpu']}, "
