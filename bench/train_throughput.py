@@ -54,11 +54,12 @@ def ours(args, work: Path) -> dict:
     import torch
 
     import train_clm
-    from clm import runtime
+    from clm import attention
     from clm.config import DataConfig, ModelConfig, TrainingConfig, parse_config
 
     steps = args.warmup + args.steps
-    argv = ["--config", args.config, "--output_dir", str(work / "run"), "--overwrite_output_dir",
+    out = Path(args.keep_output).resolve() if args.keep_output else work / "run"
+    argv = ["--config", args.config, "--output_dir", str(out), "--overwrite_output_dir",
             "--model_preset", args.preset, "--block_size", str(args.block_size),
             "--tokenizer_name", args.tokenizer, "--max_steps", str(steps),
             "--warmup_steps", "2", "--per_device_train_batch_size", str(args.batch_size),
@@ -69,7 +70,7 @@ def ours(args, work: Path) -> dict:
             "--validation_split_tokens", str(args.block_size * 4),
             "--dataloader_num_workers", str(args.workers)]
     run = train_clm.main(*parse_config([DataConfig, ModelConfig, TrainingConfig], argv))
-    records = [json.loads(x) for x in (work / "run" / "metrics.jsonl").read_text().splitlines()]
+    records = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
     train = [r for r in records if "loss" in r]
     timed = [r for r in train if r["step"] > args.warmup]
     seconds = timed[-1]["elapsed_s"] - train[args.warmup - 1]["elapsed_s"]
@@ -86,7 +87,7 @@ def ours(args, work: Path) -> dict:
             "step_s": round(seconds / len(timed), 4), "data_wait": round(wait / seconds, 4),
             "mfu": round(sum(mfus) / len(mfus), 4) if mfus else None,
             "peak_memory_gb": peak_memory_gb(device), "params": run["model_info"]["params"],
-            "final_loss": timed[-1]["loss"], "sdpa_backends": runtime.attention_kernels()}
+            "final_loss": timed[-1]["loss"], "sdpa_backends": attention.attention_kernels()}
 
 
 def reference(args) -> dict:
@@ -155,6 +156,10 @@ def main():
                    help="pad the tokenizer to this many tokens (50257: GPT-2's vocabulary)")
     p.add_argument("--tokenizer", default=None, help=argparse.SUPPRESS)
     p.add_argument("--only", choices=["ours", "reference"], default=None)
+    p.add_argument("--keep_output", default=None,
+                   help="write ours' output folder (the trained model) here and keep it, "
+                        "instead of in a temporary folder (bench/gpu_check.sh finetunes and "
+                        "samples it)")
     p.add_argument("--child", choices=["ours", "reference"], default=None, help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.child:

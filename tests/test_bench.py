@@ -2,6 +2,8 @@
 what they promise; the reference GPT-2 they compare against is the architecture it claims."""
 
 import json
+import os
+import re
 import subprocess
 import sys
 
@@ -82,6 +84,82 @@ def test_learning_efficiency_compares_on_the_same_heldout(tmp_path, corpus_dir, 
     assert docs["shuffle_buffer_blocks=16"] > docs["shuffle_buffer_blocks=1"]
 
 
-@pytest.mark.parametrize("script", ["bench/gpu_check.sh"])
-def test_gpu_check_script_parses(script):
-    assert subprocess.run(["bash", "-n", script], cwd=ROOT).returncode == 0
+GPU_CHECK_ITEMS = ["setup", "plan", "pretrain", "reference", "zero2", "sft", "generate"]
+
+
+def gpu_check(tmp_path, *args, **env):
+    """bench/gpu_check.sh as the device runs it, with this venv's python first on PATH and
+    everything it writes under tmp_path; returns (process, table rows, results by item)."""
+    out, bin_dir = tmp_path / "out", tmp_path / "bin"
+    # python alone, not the venv's bin/: its ninja (pip's) hashes build commands unlike the
+    # system's, and would rebuild C++ ops the system's ninja built (minutes on 2 cores)
+    bin_dir.mkdir()
+    for name in ("python", "python3"):
+        (bin_dir / name).write_text(f'#!/bin/sh\nexec "{sys.executable}" "$@"\n')
+        (bin_dir / name).chmod(0o755)
+    environ = {**os.environ, "PYTHON": sys.executable, "OUT": str(out), "TMPDIR": str(tmp_path),
+               "PATH": f"{bin_dir}{os.pathsep}{os.environ['PATH']}", **env}
+    proc = subprocess.run(["bash", "bench/gpu_check.sh", *args], cwd=ROOT, env=environ,
+                          capture_output=True, text=True, timeout=330)
+    rows = [x for x in (out / "table.md").read_text().splitlines()
+            if x.startswith("| ") and not x.startswith("| item ")]
+    results = [json.loads(x) for x in (out / "results.jsonl").read_text().splitlines()]
+    return proc, rows, {r["item"]: r for r in results}
+
+
+def test_gpu_check_runs_every_item_on_cpu(tmp_path):
+    proc, rows, results = gpu_check(tmp_path, "--cpu")
+    log = (tmp_path / "out" / "log.txt").read_text()
+    assert proc.returncode == 0, f"{proc.stdout[-3000:]}\n{proc.stderr[-1000:]}\n{log[-4000:]}"
+    assert list(results) == GPU_CHECK_ITEMS
+    assert [r["status"] for r in results.values()] == ["ok"] * 7
+    assert len(rows) == 7 and all(row.split(" | ")[2] == "ok" for row in rows), rows
+    # printed as each item finished, the same rows as the file's
+    assert [x for x in proc.stdout.splitlines() if x.startswith("| ")][1:] == rows
+    plan, ours, ref = results["plan"], results["pretrain"], results["reference"]
+    assert plan["memory_gib"]["total"] > 0
+    assert ours["tokens_per_sec"] > 0 and ours["peak_memory_gb"] > 0
+    assert ours["planned_memory_gib"] == plan["memory_gib"]["total"]
+    assert ours["sdpa_backends"] == "any", "no kernel restriction on CPU"
+    assert re.search(r"tokens/s [0-9][0-9,.]*; MFU n/a; peak memory [0-9.]+ GiB \(--dry_run: "
+                     r"[0-9.]+ GiB, measured/planned [0-9.]+\); SDPA kernels any", rows[2])
+    assert ref["tokens_per_sec"] > 0 and ref["ours_over_reference"] == pytest.approx(
+        ours["tokens_per_sec"] / ref["tokens_per_sec"], rel=1e-2)
+    z2 = results["zero2"]
+    assert z2["steps"] == 4 and z2["checkpoints"] == ["step-4"] and 0 < z2["final_eval_loss"] < 10
+    sft = results["sft"]
+    assert sft["base"] == "the pretrain item's model" and sft["steps"] == 3
+    assert 0 < sft["final_loss"] < 10 and 0 < sft["final_eval_loss"] < 10
+    gen = results["generate"]
+    assert gen["completions"] == 2 and 0 < gen["decoded_positions"] <= 2 * 16
+    assert gen["tokens_per_sec"] > 0 and gen["sample"]
+    assert not list(tmp_path.glob("gpu_check_work.*")), "the work folder is removed"
+
+
+def test_gpu_check_out_of_time_still_writes_every_row(tmp_path):
+    proc, rows, results = gpu_check(tmp_path, "--cpu", GPU_CHECK_BUDGET_S="1")
+    assert proc.returncode == 1
+    assert list(results) == GPU_CHECK_ITEMS and len(rows) == 7
+    assert {r["status"] for r in results.values()} == {"skipped"}
+    assert all("skipped: out of time" in row for row in rows[:5]), rows
+    assert all("skipped: no trained model" in row for row in rows[5:]), rows
+
+
+@pytest.mark.parametrize("rc, result", [
+    ("1", "failed (exit 1): RuntimeError: CUDA error: no kernel image"),
+    ("124", "timed out after 30 s (exit 124): RuntimeError: CUDA error: no kernel image"),
+    ("0", "failed: exit 0 but NoResult: no JSON result in pretrain.out")])
+def test_gpu_check_row_of_a_failed_item_has_its_exit_code_and_error(tmp_path, rc, result):
+    (tmp_path / "pretrain.out").write_text("step 1\n")
+    (tmp_path / "pretrain.err").write_text("Traceback (most recent call last):\n  File x\n"
+                                           "RuntimeError: CUDA error: no kernel image\n"
+                                           "UserWarning: something harmless\n")
+    proc = subprocess.run(
+        [sys.executable, "bench/gpu_check_row.py", "--item", "pretrain", "--rc", rc,
+         "--seconds", "31", "--cap", "30", "--work", str(tmp_path), "--results",
+         str(tmp_path / "results.jsonl"), "--label", "pretrain", "--shapes", "tiny"],
+        cwd=ROOT, capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout == f"| pretrain | tiny | {result} | 31 |  |\n"
+    record = json.loads((tmp_path / "results.jsonl").read_text())
+    assert record["status"] == {"1": "failed", "124": "timed out", "0": "failed"}[rc]
