@@ -111,7 +111,7 @@ class DataConfig:
                              "(1 reads each worker's shards one after another)")
         if self.shuffle_buffer_blocks < 1:
             raise UsageError(f"--shuffle_buffer_blocks {self.shuffle_buffer_blocks} must be >= 1 "
-                             "(1 keeps stream order; 2048 is the default)")
+                             "(1 keeps stream order; 8192 is the default)")
         if self.dataloader_num_workers < 0:
             raise UsageError("--dataloader_num_workers must be >= 0")
 

@@ -42,7 +42,6 @@ class HubPusher:
         self._repo_ready = False
         self._queue: queue.Queue = queue.Queue()
         self.pending: list[tuple] = []   # jobs that failed every retry; tried again next time
-        self.pushed: list[str] = []      # revisions pushed
         self._busy: list[str] = []       # folders queued or uploading: rotation leaves them
         self._lock = threading.Lock()
         self._reported = False
@@ -103,7 +102,6 @@ class HubPusher:
         for attempt in range(1, self.retries + 1):
             try:
                 self._push_once(folder, revision, message, final)
-                self.pushed.append(revision)
                 self._say(f"hub: pushed {folder} to {self.repo_id}@{revision}")
                 return True
             except Exception as e:  # network, server or auth: report, back off, retry

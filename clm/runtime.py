@@ -1,4 +1,4 @@
-"""Accelerator set-up (DDP or DeepSpeed ZeRO) and the true (rank, world size) of this process.
+"""Accelerator set-up (DDP, DeepSpeed ZeRO or FSDP2) and this process's true (rank, world size).
 
     torchrun --standalone --nproc_per_node 2 train_clm.py --config configs/demo_cpu.yaml
     accelerate launch --config_file accelerate_configs/deepspeed_zero3.yaml train_clm.py --config configs/gpt2_124m_owt.yaml
@@ -6,7 +6,8 @@
 On a machine without CUDA, `Accelerator()` under torchrun reports one non-distributed process
 and leaves the model unwrapped (no gradient sync); `Accelerator(cpu=True)` gives real gloo DDP,
 so that is what we ask for there, unless DeepSpeed is configured (cpu=True would silently
-replace it with DDP). FSDP is refused for now. Under DeepSpeed without CUDA, Accelerate picks no backend and
+replace it with DDP); FSDP2 (`--fsdp full_shard` or accelerate_configs/fsdp.yaml) shards the model
+itself over that process group. Under DeepSpeed without CUDA, Accelerate picks no backend and
 then reports one process of rank 0 on every rank, so the gloo backend is named explicitly.
 Ranks are read from torch.distributed, which is the truth when the two disagree, and a
 disagreement that would break training is an error.
