@@ -48,6 +48,7 @@ def write_config(tmp_path, corpus_dir, tokenizer_dir):
     return path
 
 
+@pytest.mark.slow
 def test_train_throughput_runs_ours_and_the_reference(tmp_path, corpus_dir, tokenizer_dir):
     proc = subprocess.run(
         [sys.executable, "bench/train_throughput.py", "--config",
@@ -66,6 +67,7 @@ def test_train_throughput_runs_ours_and_the_reference(tmp_path, corpus_dir, toke
     assert 0 <= result["ours"]["data_wait"] < 1 and result["ours_over_reference"] > 0
 
 
+@pytest.mark.slow
 def test_learning_efficiency_compares_on_the_same_heldout(tmp_path, corpus_dir, tokenizer_dir):
     proc = subprocess.run(
         [sys.executable, "bench/learning_efficiency.py", "--config",
@@ -107,6 +109,7 @@ def gpu_check(tmp_path, *args, **env):
     return proc, rows, {r["item"]: r for r in results}
 
 
+@pytest.mark.slow
 def test_gpu_check_runs_every_item_on_cpu(tmp_path):
     proc, rows, results = gpu_check(tmp_path, "--cpu")
     log = (tmp_path / "out" / "log.txt").read_text()

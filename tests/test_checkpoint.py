@@ -60,6 +60,7 @@ def reference(tmp_path_factory, args_for):
     return out
 
 
+@pytest.mark.slow
 def test_sigkill_after_checkpoint_then_resume_twice(tmp_path, args_for, reference):
     out = tmp_path / "run"
     for kill_after in (4, 12):  # killed twice, resumed twice
@@ -83,6 +84,7 @@ def test_sigkill_after_checkpoint_then_resume_twice(tmp_path, args_for, referenc
     AutoModelForCausalLM.from_pretrained(ckpt.checkpoint_root(out) / "step-12")
 
 
+@pytest.mark.slow
 def test_sigterm_saves_exits_0_and_continues_identically(tmp_path, args_for, reference):
     out = tmp_path / "run"
     # its own process group, signalled whole, as Slurm and Ctrl-C do: the 2 DataLoader workers
@@ -259,6 +261,7 @@ def test_a_save_error_of_any_kind_is_one_line(tmp_path, args_for, capsys, monkey
     assert "could not save checkpoint step-4: RuntimeError: serializer exploded (" in err[0]
 
 
+@pytest.mark.slow
 def test_two_process_stop_and_resume_matches(tmp_path, args_for):
     launcher = ("-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2")
     kw = dict(max_steps=16, eval_steps=8, save_steps=0, dataloader_num_workers=1)

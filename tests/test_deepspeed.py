@@ -113,6 +113,7 @@ def test_ds_config_keeps_precision_values_it_sets(tmp_path):
     assert filled["zero_optimization"]["reduce_bucket_size"] == 1000
 
 
+@pytest.mark.slow
 def test_bf16_engines_accumulate_and_reduce_in_fp32(tmp_path):
     """Real engines of ZeRO-1/2/3 over two processes, built as the session builds them, one
     optimizer step of two micro-batches each (tests/dist_ds_precision_check.py)."""
@@ -221,6 +222,7 @@ def eval_records(out):
     return [r for r in metrics(out) if "eval_loss" in r]
 
 
+@pytest.mark.slow
 def test_zero3_two_processes_match_ddp_resume_and_export(tmp_path, corpus_dir, tokenizer_dir,
                                                          toy_config_dir):
     kw = dict(max_steps=4, eval_steps=2, save_steps=2, gradient_accumulation_steps=2,
@@ -278,6 +280,7 @@ def test_zero3_two_processes_match_ddp_resume_and_export(tmp_path, corpus_dir, t
                          min_lr=3e-4)
 
 
+@pytest.mark.slow
 def test_zero2_one_process_launched_like_accelerate_matches_plain_run(
         tmp_path, corpus_dir, tokenizer_dir, toy_config_dir):
     kw = dict(max_steps=3, eval_steps=3, save_steps=3, num_samples=0)
@@ -304,6 +307,7 @@ def test_zero2_one_process_launched_like_accelerate_matches_plain_run(
 
 
 @pytest.mark.parametrize("name", ["zero1", "zero2"])
+@pytest.mark.slow
 def test_bf16_zero_trains_and_folders_hold_the_fp32_masters_export_rebuilds(
         tmp_path, corpus_dir, tokenizer_dir, toy_config_dir, name):
     """ZeRO-2, and ZeRO-1 (under bf16 DeepSpeed's BF16_Optimizer, with its own checkpoint

@@ -29,6 +29,7 @@ def diverging(corpus_dir, tokenizer_dir, toy_config_dir, out, **kw):
 
 
 @pytest.mark.parametrize("workers", [1, 2])
+@pytest.mark.slow
 def test_a_diverging_run_ends_with_one_line_and_exit_1(tmp_path, corpus_dir, tokenizer_dir,
                                                        toy_config_dir, workers):
     out = tmp_path / "run"
@@ -56,6 +57,7 @@ def test_a_diverging_run_ends_with_one_line_and_exit_1(tmp_path, corpus_dir, tok
     assert not (out / "model.safetensors").exists()
 
 
+@pytest.mark.slow
 def test_every_rank_of_a_diverging_torchrun_exits_non_zero(tmp_path, corpus_dir, tokenizer_dir,
                                                            toy_config_dir):
     argv = diverging(corpus_dir, tokenizer_dir, toy_config_dir, tmp_path / "run",

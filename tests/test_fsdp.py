@@ -15,6 +15,7 @@ from clm.config import TrainingConfig, UsageError
 from helpers import (ROOT, assert_export_is_the_model, assert_same_records, assert_same_training,
                      metrics, torchrun, toy_args)
 
+@pytest.mark.slow
 def test_fsdp_two_processes_match_ddp_resume_and_export(tmp_path, corpus_dir, tokenizer_dir,
                                                         toy_config_dir):
     kw = dict(max_steps=4, eval_steps=2, save_steps=2, gradient_accumulation_steps=2,

@@ -5,6 +5,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import yaml
 
 from fake_hub import FakeHub
@@ -13,6 +14,7 @@ from helpers import ROOT, toy_args
 SECRET = "hf_TESTsecretTOKEN0123456789abcdef"
 
 
+@pytest.mark.slow
 def test_push_with_injected_failures(tmp_path, corpus_dir, tokenizer_dir, toy_config_dir):
     out = tmp_path / "run"
     args = toy_args(corpus_dir, tokenizer_dir, toy_config_dir, out, max_steps=6, save_steps=3,
@@ -52,6 +54,7 @@ def test_push_with_injected_failures(tmp_path, corpus_dir, tokenizer_dir, toy_co
     assert "hub_token" not in yaml.safe_load((out / "run_config.yaml").read_text())["training"]
 
 
+@pytest.mark.slow
 def test_push_that_keeps_failing_does_not_stop_training(tmp_path, corpus_dir, tokenizer_dir,
                                                         toy_config_dir):
     out = tmp_path / "run"

@@ -227,6 +227,7 @@ def test_fp16_skipped_step_does_not_break_the_next_and_norm_is_unscaled(tmp_path
     assert grad_norm == pytest.approx(expected, rel=1e-4), "the norm of unscaled gradients"
 
 
+@pytest.mark.slow
 def test_one_host_sync_per_optimizer_step(tmp_path, corpus_dir, tokenizer_dir, toy_config_dir,
                                           monkeypatch):
     """One value read from the device per step (the step's sums with the gradient norm), on

@@ -535,6 +535,7 @@ print("RESULT " + json.dumps(out))
 """
 
 
+@pytest.mark.slow
 def test_zero3_replay_and_grad_accum_buffers_match_deepspeed(tmp_path):
     """Against real DeepSpeed engines (CPU, one process): the most parameters gathered at once
     in a step equals the plan's replay of the coordinator for each set of knobs; bf16 with

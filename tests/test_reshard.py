@@ -52,6 +52,7 @@ def check_moved(out, printed: str, before: int, after: int) -> None:
 
 
 @pytest.mark.parametrize("backend", list(BACKENDS))
+@pytest.mark.slow
 def test_resume_on_another_number_of_processes(tmp_path, corpus_dir, tokenizer_dir,
                                                toy_config_dir, backend, capsys):
     """2 processes uninterrupted; the same run from its step-20 checkpoint on 1 process; that
@@ -111,6 +112,7 @@ def test_resume_with_other_dataloader_workers(tmp_path, corpus_dir, tokenizer_di
     assert train[-1]["step"] == 8 and train[-1]["tokens"] == 8 * 4 * 32
 
 
+@pytest.mark.slow
 def test_one_process_checkpoint_continues_on_two(tmp_path, corpus_dir, tokenizer_dir,
                                                  toy_config_dir, capsys):
     """The plain 1 -> 2 case against the uninterrupted 1-process run (DDP)."""

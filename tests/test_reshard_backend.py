@@ -28,6 +28,9 @@ from clm import runtime
 from clm.config import UsageError
 from helpers import ROOT
 
+# the module fixture launches 2-process ZeRO runs (about 30 s)
+pytestmark = pytest.mark.slow
+
 SCRIPT = ROOT / "tests" / "dist_reshard_check.py"
 STAGES = ("zero1", "zero2", "zero3")
 CONTINUE_ATOL = 1e-6

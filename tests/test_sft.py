@@ -394,6 +394,7 @@ def test_sft_demo_yaml_parses():
     assert train_cfg.output_dir == "outputs/sft_demo"
 
 
+@pytest.mark.slow
 def test_two_process_sft_deals_each_global_batch_across_ranks(tmp_path, pretrained):
     data = write_jsonl(tmp_path / "records.jsonl", records())
     kw = dict(max_steps=4, eval_steps=4, num_samples=0)
@@ -688,6 +689,7 @@ def test_packed_ranks_in_different_epochs_hand_over_all_they_had_left():
     finish_rest(new, examples, 1, PACK_BLOCK, next_epoch=newest + 1)
 
 
+@pytest.mark.slow
 def test_two_process_sft_resumes_on_one_process(tmp_path, pretrained, capsys):
     data = write_jsonl(tmp_path / "records.jsonl", records())
     kw = dict(per_device_train_batch_size=4, max_steps=12, save_steps=6, eval_steps=6,

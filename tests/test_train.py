@@ -74,6 +74,7 @@ def test_gradient_accumulation_is_exact(tmp_path, corpus_dir, tokenizer_dir, toy
         assert_same_weights(weights, ref_w, cfg)
 
 
+@pytest.mark.slow
 def test_two_process_ddp_run(tmp_path, corpus_dir, tokenizer_dir, toy_config_dir):
     out = tmp_path / "ddp"
     # 150 steps of 4 x 32 tokens is more than either rank's share of the corpus: both ranks
