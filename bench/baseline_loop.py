@@ -26,6 +26,7 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # train_clm.py sits at the root
 import train_clm  # noqa: E402
 from clm.config import DataConfig, ModelConfig, TrainingConfig, parse_config  # noqa: E402
+from clm.metrics import read_metrics  # noqa: E402
 
 
 def baseline(data_cfg: DataConfig, model_cfg: ModelConfig, cfg: TrainingConfig) -> dict:
@@ -87,8 +88,7 @@ def baseline(data_cfg: DataConfig, model_cfg: ModelConfig, cfg: TrainingConfig) 
 
 def ours(data_cfg, model_cfg, cfg) -> dict:
     result = train_clm.main(data_cfg, model_cfg, cfg)
-    records = [json.loads(x) for x in (Path(cfg.output_dir) / "metrics.jsonl").read_text().splitlines()]
-    last_train = [r for r in records if "loss" in r][-1]
+    last_train = read_metrics(cfg.output_dir, "train")[-1]
     return {"eval_loss": result["final_eval_loss"], "tokens": last_train["tokens"],
             "train_s": last_train["elapsed_s"],
             "tokens_per_sec": round(last_train["tokens"] / last_train["elapsed_s"], 1)}

@@ -63,7 +63,8 @@ def last_error_line(work: Path, item: str) -> str:
 
 
 def metrics(folder: Path) -> tuple[list[dict], list[dict]]:
-    """(training records, evaluation records) of an output folder's metrics.jsonl."""
+    """(training records, evaluation records) of an output folder's metrics.jsonl: read here,
+    not with clm.metrics.read_metrics, so that a broken environment still gets its row."""
     rows = [json.loads(x) for x in text(folder / "metrics.jsonl").splitlines() if x.strip()]
     if not rows:
         raise NoResult(f"no metrics.jsonl in {folder}")

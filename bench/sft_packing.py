@@ -20,6 +20,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT), str(ROOT / "finetune")]
+from clm.metrics import read_metrics  # noqa: E402
 
 
 def padding_share(loader) -> tuple[float, float]:
@@ -67,8 +68,7 @@ def run(config: str, packing: bool, steps: int, warmup: int, work: Path) -> dict
     finally:
         sft.ExampleLoader = real_loader
     wall = time.perf_counter() - start
-    records = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
-    train = [r for r in records if "loss" in r]
+    train = read_metrics(out, "train")
     base, last = train[warmup - 1], train[-1]
     seconds = last["elapsed_s"] - base["elapsed_s"]
     tokens = last["tokens"] - base["tokens"]

@@ -28,6 +28,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT), str(ROOT / "bench")]
+from clm.metrics import read_metrics  # noqa: E402
 
 
 def peak_memory_gb(device) -> float:
@@ -70,8 +71,7 @@ def ours(args, work: Path) -> dict:
             "--validation_split_tokens", str(args.block_size * 4),
             "--dataloader_num_workers", str(args.workers)]
     run = train_clm.main(*parse_config([DataConfig, ModelConfig, TrainingConfig], argv))
-    records = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
-    train = [r for r in records if "loss" in r]
+    train = read_metrics(out, "train")
     timed = [r for r in train if r["step"] > args.warmup]
     seconds = timed[-1]["elapsed_s"] - train[args.warmup - 1]["elapsed_s"]
     tokens = timed[-1]["tokens"] - train[args.warmup - 1]["tokens"]

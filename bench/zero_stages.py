@@ -24,6 +24,9 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+from clm.metrics import read_metrics  # noqa: E402
+
 MODES = ["ddp", "zero1", "zero2", "zero3", "zero3_offload"]
 
 
@@ -45,8 +48,7 @@ def launch(mode: str, out: Path, args) -> dict:
     wall = time.perf_counter() - start
     if proc.returncode != 0:
         return {"mode": mode, "error": proc.stderr.strip().splitlines()[-1:]}
-    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
-    train = [r for r in records if "loss" in r]
+    train = read_metrics(out, "train")
     steady = train[len(train) // 4:] or train
     state = out / "checkpoints" / f"step-{args.max_steps}" / "state"
     memory = [r["max_memory_gb"] for r in train if r.get("max_memory_gb") is not None]

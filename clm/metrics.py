@@ -16,6 +16,21 @@ from pathlib import Path
 from tqdm.auto import tqdm
 
 
+def read_metrics(output_dir: str | Path, kind: str | None = None) -> list[dict]:
+    """The records of `output_dir`/metrics.jsonl ([] before the first is written): all of them,
+    or `kind="train"` (those with a loss, skipped steps included) or `kind="eval"`."""
+    path = Path(output_dir) / "metrics.jsonl"
+    if not path.is_file():
+        return []
+    records = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    if kind is None:
+        return records
+    key = {"train": "loss", "eval": "eval_loss"}.get(kind)
+    if key is None:
+        raise ValueError(f"kind must be 'train', 'eval' or None (got {kind!r})")
+    return [r for r in records if key in r]
+
+
 def plot_loss_curve(output_dir: str | Path) -> Path:
     """Draw train and eval loss against tokens from metrics.jsonl into loss_curve.png."""
     import matplotlib
@@ -24,8 +39,7 @@ def plot_loss_curve(output_dir: str | Path) -> Path:
     import matplotlib.pyplot as plt
 
     output_dir = Path(output_dir)
-    records = [json.loads(line) for line in (output_dir / "metrics.jsonl").read_text().splitlines()
-               if line.strip()]
+    records = read_metrics(output_dir)
     train = [(r["tokens"], r["loss"]) for r in records if r.get("loss") is not None]
     evals = [(r["tokens"], r["eval_loss"]) for r in records if "eval_loss" in r]
     fig, ax = plt.subplots(figsize=(7, 4.2))

@@ -17,6 +17,7 @@ import yaml
 from .checkpoint import save_model_folder
 from .config import UsageError
 from .hub import command_line, model_card
+from .metrics import plot_loss_curve, read_metrics
 
 RUN_FILES = ("metrics.jsonl", "loss_curve.png", "samples.txt", "run_config.yaml", "README.md")
 
@@ -38,13 +39,6 @@ def clear_run_files(output_dir: str) -> None:
     shutil.rmtree(path / "checkpoints", ignore_errors=True)
 
 
-def read_metrics(output_dir) -> list[dict]:
-    path = Path(output_dir) / "metrics.jsonl"
-    if not path.is_file():
-        return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-
-
 def continue_run(output_dir, home, step: int) -> None:
     """On resume: the run's metrics go on from the checkpoint's step. A checkpoint of another
     output folder (`home`) brings that run's metrics up to its step into this one."""
@@ -60,8 +54,6 @@ def continue_run(output_dir, home, step: int) -> None:
 
 def truncate_metrics(output_dir, step: int) -> None:
     """On resume: drop what a killed run logged after its checkpoint, then redraw the curve."""
-    from .metrics import plot_loss_curve
-
     path = Path(output_dir) / "metrics.jsonl"
     kept = [r for r in read_metrics(output_dir) if r["step"] <= step]
     tmp = path.with_suffix(".tmp")

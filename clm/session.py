@@ -14,7 +14,7 @@ from pathlib import Path
 from . import attention, checkpoint as ckpt, hub, loop, model as models, outputs, runtime
 from .backend import backend_of
 from .config import TrainingConfig
-from .metrics import MetricsLogger, flat_config, wandb_run_id
+from .metrics import MetricsLogger, flat_config, read_metrics, wandb_run_id
 
 
 def check_output(train_cfg: TrainingConfig) -> Path | None:
@@ -225,7 +225,7 @@ class Session:
         return self.run
 
     def _record_evals(self) -> None:
-        evals = [r for r in outputs.read_metrics(self.out)
+        evals = [r for r in read_metrics(self.out)
                  if any(k.startswith("eval_") for k in r)] if self.main else []
         first, last = [{k: v for k, v in r.items() if k.startswith("eval_")} for r in
                        ((evals[0], evals[-1]) if evals else ({}, {}))]

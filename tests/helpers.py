@@ -1,12 +1,12 @@
 """Helpers shared by the tests that run train_clm.main on a toy model."""
 
-import json
 from pathlib import Path
 
 import torch
 
 import train_clm
 from clm.config import DataConfig, ModelConfig, TrainingConfig, run_cli
+from clm.metrics import read_metrics
 
 ROOT = Path(__file__).resolve().parents[1]
 TYPES = [DataConfig, ModelConfig, TrainingConfig]
@@ -52,7 +52,7 @@ def run(argv):
 
 
 def metrics(out):
-    return [json.loads(line) for line in (Path(out) / "metrics.jsonl").read_text().splitlines()]
+    return read_metrics(out)
 
 
 def reset_accelerate():
