@@ -233,7 +233,7 @@ class TrainingConfig:
         default=False)
     dry_run_gpu: Optional[str] = _help(
         "GPU the plan is for, as torch.cuda.get_device_name names it (a key of "
-        "clm.model.PEAK_FLOPS). Default: this machine's GPU if listed there, else "
+        "clm.metrics.PEAK_FLOPS). Default: this machine's GPU if listed there, else "
         "'NVIDIA H100 80GB HBM3'.", default=None)
     dry_run_gpu_memory_gb: Optional[float] = _help(
         "Memory of one GPU for the plan, in GiB. Default: this machine's GPU's, else 80.",
@@ -298,7 +298,7 @@ class TrainingConfig:
         if self.dry_run_num_gpus is not None and self.dry_run_num_gpus < 1:
             raise UsageError(f"--dry_run_num_gpus must be >= 1 (got {self.dry_run_num_gpus})")
         if self.dry_run_gpu is not None:
-            from .model import PEAK_FLOPS
+            from .metrics import PEAK_FLOPS
 
             if self.dry_run_gpu not in PEAK_FLOPS:
                 raise UsageError(f"unknown --dry_run_gpu '{self.dry_run_gpu}' (choose one of: "

@@ -24,30 +24,6 @@ PRESET_SHAPES = {
 }
 VOCAB_MULTIPLE = 64
 
-# Dense (no sparsity) bf16 tensor-core peak FLOP/s, for MFU, by the exact name
-# `torch.cuda.get_device_name` reports. Exact, not by substring: "L4" is in "NVIDIA L40S" (3x
-# its peak) and the H100's PCIe and NVL boards are slower than the SXM one, so a near match
-# would report a wrong MFU; an unknown name reports none. Figures are the datasheets' sparse
-# ones halved where only those are given.
-PEAK_FLOPS = {
-    "NVIDIA B200": 2250e12,
-    "NVIDIA H200": 989e12,              # SXM
-    "NVIDIA H200 NVL": 835e12,
-    "NVIDIA H100 80GB HBM3": 989e12,    # SXM5
-    "NVIDIA H100 NVL": 835e12,
-    "NVIDIA H100 PCIe": 756e12,
-    "NVIDIA A100-SXM4-80GB": 312e12,
-    "NVIDIA A100-SXM4-40GB": 312e12,
-    "NVIDIA A100 80GB PCIe": 312e12,
-    "NVIDIA A100-PCIE-40GB": 312e12,
-    "NVIDIA L40S": 362e12,
-    "NVIDIA L40": 181e12,
-    "NVIDIA L4": 121e12,
-    "NVIDIA A10": 125e12,
-    "NVIDIA A10G": 125e12,              # AWS's A10 variant; no datasheet of its own
-    "NVIDIA GeForce RTX 4090": 165e12,
-}
-
 
 def padded_vocab(n: int) -> int:
     return -(-n // VOCAB_MULTIPLE) * VOCAB_MULTIPLE
@@ -188,18 +164,6 @@ def flops_per_token(model, seq_len: int) -> float:
     if head is not None and head.weight is not model.get_input_embeddings().weight:
         n -= head.weight.numel()
     return 6 * n + 6 * d * c.vocab_size + 12 * n_layer * d * seq_len
-
-
-def peak_flops_of(name: str) -> float | None:
-    """The dense bf16 peak of the GPU `torch.cuda.get_device_name` calls `name`, None if unknown."""
-    return PEAK_FLOPS.get(name.strip())
-
-
-def peak_flops(device: torch.device) -> float | None:
-    """The device's dense bf16 peak, or None where unknown (CPUs, GPUs not in PEAK_FLOPS)."""
-    if device.type != "cuda":
-        return None
-    return peak_flops_of(torch.cuda.get_device_name(device))
 
 
 def compile_blocks(model) -> None:

@@ -32,6 +32,7 @@ import torch
 
 from . import model as models
 from .config import DataConfig, ModelConfig, TrainingConfig, UsageError, first_line
+from .metrics import PEAK_FLOPS
 
 GIB = 2**30
 GPT2_VOCAB = 50257
@@ -676,7 +677,7 @@ def local_gpu() -> tuple[str | None, float | None]:
 def make_plan(data_cfg: DataConfig, model_cfg: ModelConfig, train_cfg: TrainingConfig) -> dict:
     """Every figure of the plan, as the JSON line prints them."""
     name, memory = local_gpu()
-    gpu = train_cfg.dry_run_gpu or (name if name in models.PEAK_FLOPS else DEFAULT_GPU)
+    gpu = train_cfg.dry_run_gpu or (name if name in PEAK_FLOPS else DEFAULT_GPU)
     gpu_gib = train_cfg.dry_run_gpu_memory_gb or memory or DEFAULT_GPU_MEMORY_GIB
     num_gpus = train_cfg.dry_run_num_gpus or int(os.environ.get("WORLD_SIZE", "1"))
     shape = model_shape(data_cfg, model_cfg)
@@ -684,7 +685,7 @@ def make_plan(data_cfg: DataConfig, model_cfg: ModelConfig, train_cfg: TrainingC
                  model_cfg.attn_implementation == "eager")
     mem = memory_bytes(shape, s)
     tokens_per_step = s.micro_batch * s.accumulation * num_gpus * data_cfg.block_size
-    peak = models.PEAK_FLOPS[gpu]
+    peak = PEAK_FLOPS[gpu]
     seconds = train_cfg.max_steps * tokens_per_step * shape.flops_per_token / (
         num_gpus * peak * train_cfg.dry_run_mfu)
     fits = _fits(mem["total"], gpu_gib)

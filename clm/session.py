@@ -14,7 +14,7 @@ from pathlib import Path
 from . import attention, checkpoint as ckpt, hub, loop, model as models, outputs, runtime
 from .backend import backend_of
 from .config import TrainingConfig
-from .metrics import MetricsLogger, flat_config, read_metrics, wandb_run_id
+from .metrics import MetricsLogger, flat_config, peak_flops, read_metrics, wandb_run_id
 
 
 def check_output(train_cfg: TrainingConfig) -> Path | None:
@@ -189,7 +189,7 @@ class Session:
                 loop.train(self.cfg, self.accelerator, self.model, self.optimizer, self.batches,
                            self.state, self.logger, self.evaluate, save_fn=self.save, stop=stop,
                            flops_per_token=self.fpt,
-                           peak_flops=models.peak_flops(self.accelerator.device))
+                           peak_flops=peak_flops(self.accelerator.device))
             finally:  # end the progress bar's line, so an error prints on a line of its own
                 self.logger.close()
         st = self.state
