@@ -95,7 +95,8 @@ def reference(args) -> dict:
     import torch
     from transformers import AutoTokenizer
 
-    from clm.model import PRESET_SHAPES, padded_vocab, peak_flops
+    from clm.metrics import peak_flops
+    from clm.model import PRESET_SHAPES, padded_vocab
     from reference_gpt import GPT, RandomCrops, plain_train
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")

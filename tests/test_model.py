@@ -1,12 +1,13 @@
-"""MFU's two halves without a GPU: the peak FLOP/s looked up by device name, and the model's
-FLOPs per token as the loop turns them into a logged MFU."""
+"""MFU's two halves without a GPU: the peak FLOP/s looked up by device name (clm.metrics), and the
+model's FLOPs per token as the loop turns them into a logged MFU."""
 
 import pytest
 import torch
 from transformers import GPT2Config, GPT2LMHeadModel
 
 from clm import loop
-from clm.model import flops_per_token, num_params, peak_flops, peak_flops_of
+from clm.metrics import peak_flops, peak_flops_of
+from clm.model import flops_per_token, num_params
 
 # Names as `torch.cuda.get_device_name` reports them; dense bf16 tensor-core peaks from the
 # datasheets (their sparse figures halved).
