@@ -23,34 +23,35 @@ def main(data_cfg: DataConfig, model_cfg: ModelConfig, train_cfg: TrainingConfig
          bench_cfg: BenchmarkEvalConfig | None = None, batches=None) -> dict:
     """Train and write the output folder; `batches` (benchmarks) replaces the training stream
     with any endless iterable of batches that has state_dict/load_state_dict."""
-    from clm import runtime
+    from clm.parallel.launch import Topology, resolve_mixed_precision
 
     # --- check everything the user gave us before any work
-    train_cfg.mixed_precision = runtime.resolve_mixed_precision(train_cfg.mixed_precision)
+    train_cfg.mixed_precision = resolve_mixed_precision(train_cfg.mixed_precision)
+    topology = Topology.from_launcher()  # this process's ranks, made once and passed along
     if train_cfg.dry_run:  # the plan only: no data, tokenizer, weights or output folder touched
         from clm import plan
 
-        return plan.print_plan(data_cfg, model_cfg, train_cfg)
+        return plan.print_plan(data_cfg, model_cfg, train_cfg, topology)
 
     from accelerate.utils import set_seed
 
-    from clm import checkpoint as ckpt, data, model as models, outputs, session
+    from clm import checkpoint as ckpt, data, model as models, outputs, runtime, session
     from clm.evaluate import make_benchmark_eval
 
     resume = session.check_output(train_cfg)
-    session.fit_to_world(resume, train_cfg, reshardable=batches is None)
+    session.fit_to_world(resume, train_cfg, topology, reshardable=batches is None)
     tokenizer_name = data_cfg.tokenizer_name or model_cfg.model_name_or_path
     if not tokenizer_name:
         raise UsageError("no tokenizer (pass --tokenizer_name, e.g. gpt2 or a local folder)")
     tokenizer = data.load_tokenizer(tokenizer_name)
     bench_cfg = bench_cfg or BenchmarkEvalConfig()
     benchmarks = make_benchmark_eval(bench_cfg, tokenizer, train_cfg.per_device_eval_batch_size)
-    accelerator = runtime.make_accelerator(train_cfg)
+    backend = runtime.start(train_cfg, topology)
     set_seed(train_cfg.seed)
     model = models.build_model(model_cfg, tokenizer, data_cfg.block_size)
     if train_cfg.gradient_checkpointing:
         models.enable_gradient_checkpointing(model)
-    rank, world = runtime.dist_info()
+    rank, world = topology.dp_rank, topology.dp_world_size
     global_batch = train_cfg.per_device_train_batch_size * train_cfg.gradient_accumulation_steps
     fingerprint = ckpt.fingerprint(model, tokenizer, data_cfg.block_size, global_batch * world,
                                    world, data_cfg.dataloader_num_workers,
@@ -70,7 +71,7 @@ def main(data_cfg: DataConfig, model_cfg: ModelConfig, train_cfg: TrainingConfig
     run = outputs.resolved_config({"data": data_cfg, "model": model_cfg, "training": train_cfg,
                                    "evaluation": bench_cfg}, model, world, train_cfg,
                                   data_cfg.block_size)
-    return session.run_training(accelerator, train_cfg, model, tokenizer, batches, heldout, run,
+    return session.run_training(backend, train_cfg, model, tokenizer, batches, heldout, run,
                                 fingerprint, resume, data_cfg.block_size,
                                 extra_evals=[benchmarks] if benchmarks else [])
 

@@ -44,7 +44,11 @@ def dir_size(path: Path) -> int:
 def checkpoint_figures(data_cfg, tok, out: Path) -> dict:
     from accelerate import Accelerator
 
+    from clm.parallel import Topology
+    from clm.parallel.ddp import DDPBackend
+
     accelerator = Accelerator(cpu=not torch.cuda.is_available())
+    backend = DDPBackend(accelerator, Topology())  # one process, as the loop's session has it
     model = gpt2_model()
     optimizer = make_optimizer(model, TrainingConfig(output_dir=str(out)))
     model, optimizer = accelerator.prepare(model, optimizer)
@@ -55,11 +59,11 @@ def checkpoint_figures(data_cfg, tok, out: Path) -> dict:
     next(iter(loader))
     state = LoopState(step=1, tokens=64)
     t0 = time.perf_counter()
-    path = ckpt.save_checkpoint(accelerator, model, optimizer, tok, loader, state,
+    path = ckpt.save_checkpoint(backend, model, optimizer, tok, loader, state,
                                 {"fingerprint": {}}, out)
     save_s = time.perf_counter() - t0
     t0 = time.perf_counter()
-    ckpt.load_checkpoint(accelerator, model, optimizer, path,
+    ckpt.load_checkpoint(backend, model, optimizer, path,
                          train_loader(data_cfg, tok, 1, seed=0))
     load_s = time.perf_counter() - t0
     params = sum(p.numel() for p in model.parameters())

@@ -26,7 +26,7 @@ from contextlib import contextmanager, nullcontext
 
 import torch
 
-from .config import UsageError, first_line
+from .errors import UsageError, first_line
 
 CAUSAL_SDPA = "sdpa_causal"
 

@@ -9,8 +9,8 @@ exactly: model and optimizer (and grad scaler) as the run's backend saves them
 (`Accelerator.save_state`, which DeepSpeed plugs into; FSDP2: a torch.distributed.checkpoint
 folder), each rank's RNG states, each rank's data-pipeline state, and
 `trainer_state.json` (the loop's counters, the tracker's run id, and what must match on resume).
-It is written under `.step-<N>.tmp`, flushed, listed with its file sizes in `manifest.json`
-and only then renamed into place; `latest` is the newest checkpoint whose manifest checks out.
+It is written under `.step-<N>.tmp`, flushed, listed with its file sizes (and the name of the
+backend that wrote `state/`) in `manifest.json` and only then renamed into place; `latest` is the newest checkpoint whose manifest checks out.
 """
 
 from __future__ import annotations
@@ -24,9 +24,8 @@ from pathlib import Path
 
 import torch
 
-from .config import UsageError
-from .backend import backend_of
-from .runtime import dist_info
+from .errors import UsageError
+from .parallel import Backend
 
 MANIFEST = "manifest.json"
 
@@ -54,12 +53,6 @@ def save_model_folder(model, tokenizer, dest: str | Path) -> Path:
         os.replace(f, dest / f.name)
     tmp.rmdir()
     return dest
-
-
-def full_model(accelerator, model):
-    """The plain model with every weight, on the main process (None on the others). Every
-    rank must call it: the backend gathers sharded weights (DeepSpeed: the fp32 masters)."""
-    return backend_of(accelerator).full_model(model)
 
 
 def _fsync(path: Path) -> None:
@@ -113,6 +106,11 @@ def verify(path: Path) -> str | None:
         if f.stat().st_size != size:
             return f"{rel} has {f.stat().st_size} bytes, expected {size}"
     return None
+
+
+def read_manifest(path: Path) -> dict:
+    """A complete checkpoint's manifest: its step, the backend that wrote `state/`, its files."""
+    return json.loads((Path(path) / MANIFEST).read_text())
 
 
 def resolve_resume(output_dir: str | Path, spec: str, log=print) -> Path:
@@ -229,16 +227,16 @@ def check_fingerprint(saved: dict, current: dict, path: Path) -> None:
                                   f"has {key}={current.get(key)} ({fix})")
 
 
-def _dist_ok(accelerator, ok: bool) -> bool:
+def _dist_ok(backend: Backend, ok: bool) -> bool:
     """True only if every rank reports ok."""
-    if dist_info()[1] > 1:
-        flag = torch.tensor([0.0 if ok else 1.0], device=accelerator.device)
+    if backend.topology.distributed:
+        flag = torch.tensor([0.0 if ok else 1.0], device=backend.device)
         torch.distributed.all_reduce(flag)
         return flag.item() == 0
     return ok
 
 
-def save_checkpoint(accelerator, model, optimizer, tokenizer, loader, state, meta: dict,
+def save_checkpoint(backend: Backend, model, optimizer, tokenizer, loader, state, meta: dict,
                     output_dir: str | Path, save_total_limit: int | None = None,
                     keep=()) -> Path:
     """Write checkpoints/step-<state.step> on every rank; returns its path.
@@ -251,23 +249,24 @@ def save_checkpoint(accelerator, model, optimizer, tokenizer, loader, state, met
     tmp = root / f".step-{state.step}.tmp"
     if final.is_dir() and verify(final) is None:
         return final
-    main = accelerator.is_main_process
+    accelerator, main = backend.accelerator, backend.topology.is_main
     if main:
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
     accelerator.wait_for_everyone()
-    plain = full_model(accelerator, model)
+    plain = backend.full_model(model)  # collective: the backend gathers sharded weights
     error = None
     try:
-        backend_of(accelerator).save_state(model, optimizer, tmp / "state")
-        _write_json(tmp / "state" / f"data_rank{_rank()}.json", loader.state_dict())
+        backend.save_state(model, optimizer, tmp / "state")
+        _write_json(tmp / "state" / f"data_rank{backend.topology.dp_rank}.json",
+                    loader.state_dict())
         if main:
             save_model_folder(plain, tokenizer, tmp)
             _write_json(tmp / "trainer_state.json",
                         {"loop": dataclasses.asdict(state), **meta})
     except Exception as e:  # of any kind: every rank must hear of it, or the others hang
         error = e
-    if not _dist_ok(accelerator, error is None):
+    if not _dist_ok(backend, error is None):
         if main:
             shutil.rmtree(tmp, ignore_errors=True)
         reason = _reason(error)
@@ -281,7 +280,9 @@ def save_checkpoint(accelerator, model, optimizer, tokenizer, loader, state, met
                  if f.is_file()}
         for rel in files:
             _fsync(tmp / rel)
-        _write_json(tmp / MANIFEST, {"step": state.step, "files": files})
+        # the backend that wrote state/: what export reads the weights back with
+        _write_json(tmp / MANIFEST, {"step": state.step, "backend": backend.name,
+                                     "files": files})
         if final.exists():  # a damaged leftover of an earlier attempt at this step
             shutil.rmtree(final)
         os.replace(tmp, final)
@@ -314,7 +315,7 @@ def rotate(output_dir: str | Path, limit: int | None, keep=()) -> list[Path]:
     return doomed
 
 
-def load_checkpoint(accelerator, model, optimizer, path: Path, loader) -> dict:
+def load_checkpoint(backend: Backend, model, optimizer, path: Path, loader) -> dict:
     """Restore model, optimizer, RNG and the data state; returns trainer_state.json.
 
     The checkpoint may come from another number of processes: the backend re-shards the model
@@ -322,29 +323,25 @@ def load_checkpoint(accelerator, model, optimizer, path: Path, loader) -> dict:
     (`restore`; one without it must be resumed on the saved number of processes)."""
     trainer_state = read_trainer_state(path)
     saved_world = trainer_state.get("fingerprint", {}).get("world_size")
-    backend_of(accelerator).load_state(model, optimizer, path / "state",
-                                       saved_world_size=saved_world)
+    backend.load_state(model, optimizer, path / "state", saved_world_size=saved_world)
+    topology = backend.topology
     files = sorted(path.glob("state/data_rank*.json"), key=lambda f: int(f.stem[9:]))
     states = [json.loads(f.read_text()) for f in files]
     if hasattr(loader, "restore"):
         line = loader.restore(states)
-        if line and accelerator.is_main_process:
+        if line and topology.is_main:
             print(line)
-    elif len(states) == dist_info()[1]:
-        loader.load_state_dict(states[_rank()])
+    elif len(states) == topology.dp_world_size:
+        loader.load_state_dict(states[topology.dp_rank])
     else:
         raise CheckpointError(f"checkpoint {path} has data states for {len(states)} processes "
-                              f"and this data cannot be dealt to {dist_info()[1]} (resume with "
-                              f"{len(states)} processes)")
+                              f"and this data cannot be dealt to {topology.dp_world_size} "
+                              f"(resume with {len(states)} processes)")
     return trainer_state
 
 
 def read_trainer_state(path: Path) -> dict:
     return json.loads((path / "trainer_state.json").read_text())
-
-
-def _rank() -> int:
-    return dist_info()[0]
 
 
 def _write_json(path: Path, data) -> None:

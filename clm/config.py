@@ -19,21 +19,7 @@ from typing import Callable, Optional
 
 import yaml
 
-
-class UsageError(ValueError):
-    """Bad input from the user: printed as `error: <message>` with exit code 2, no traceback."""
-
-
-class TrainingError(RuntimeError):
-    """A run that cannot go on (--max_bad_steps non-finite steps in a row): printed as
-    `error: <message>` with exit code 1, no traceback. Raised on every rank at the same step
-    (decided on values summed over the ranks), so the ranks leave the process group together;
-    the checkpoints already saved are left as they are."""
-
-
-def first_line(e: BaseException) -> str:
-    """An exception's first line (its type's name when it has no message), for one-line errors."""
-    return str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+from .errors import TrainingError, UsageError  # re-exported: scripts and tests import them here
 
 
 def _help(text: str, **kw):
@@ -369,18 +355,5 @@ def run_cli(main: Callable, types, argv=None, description: str | None = None):
         return main(*configs)
     except UsageError as e:
         _one_line_error(str(e))
-    except TrainingError as e:
-        _leave_process_group()
+    except TrainingError as e:  # the session has left the process group (session.run_training)
         _one_line_error(str(e), code=1)
-
-
-def _leave_process_group() -> None:
-    # Every rank raises a TrainingError at the same step, so they can leave the group together
-    # (a group left to interpreter shutdown can abort the process after the error line).
-    if "torch.distributed" in sys.modules:
-        from .runtime import close_distributed
-
-        try:
-            close_distributed()
-        except Exception:  # the error line matters more than a clean goodbye
-            pass

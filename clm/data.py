@@ -51,7 +51,8 @@ from typing import Iterator, Optional
 import numpy as np
 import torch
 
-from .config import DataConfig, UsageError, first_line
+from .config import DataConfig
+from .errors import UsageError, first_line
 
 BUILDERS = {".txt": "text", ".jsonl": "json", ".json": "json", ".parquet": "parquet"}
 TOKENIZE_CHUNK = 128  # documents per tokenizer call: large enough to amortise, small for latency

@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -33,8 +32,9 @@ from typing import Callable, Optional
 
 import torch
 
-from clm.config import UsageError, _help, first_line, run_cli
-from clm.runtime import dist_info
+from clm.config import _help, run_cli
+from clm.errors import UsageError, first_line
+from clm.parallel.launch import Topology, close_distributed
 
 HELLASWAG_HUB = "Rowan/hellaswag"
 TASKS = ("hellaswag",)
@@ -298,13 +298,14 @@ def _argmax(values: list[float]) -> int:
 
 
 def hellaswag_counts(model, tokenizer, examples: list[dict], batch_size: int = 32, device=None,
-                     autocast: Optional[Callable] = None) -> tuple[int, int, int]:
+                     autocast: Optional[Callable] = None,
+                     topology: Topology = Topology()) -> tuple[int, int, int]:
     """(correct by summed log-likelihood, correct by mean log-likelihood, examples scored),
-    over all of `examples`. With torch.distributed initialised (world size > 1) every rank
-    must call it with the same examples: each scores examples[rank::world], all run the same
-    number of forward passes, and the counts are summed over ranks (on `device`, so it must
-    suit the backend: CUDA for NCCL)."""
-    rank, world = dist_info()
+    over all of `examples`. On more than one process (`topology`) every rank must call it
+    with the same examples: each scores examples[rank::world], all run the same number of
+    forward passes, and the counts are summed over ranks (on `device`, so it must suit the
+    process group: CUDA for NCCL)."""
+    rank, world = topology.dp_rank, topology.dp_world_size
     device = _device_of(model, device)
     mine = examples[rank::world]
     # the rank with the most examples runs this many passes; the others match it
@@ -320,13 +321,14 @@ def hellaswag_counts(model, tokenizer, examples: list[dict], batch_size: int = 3
 
 
 def hellaswag_scores(model, tokenizer, examples: list[dict], batch_size: int = 32, device=None,
-                     autocast: Optional[Callable] = None) -> dict:
+                     autocast: Optional[Callable] = None,
+                     topology: Topology = Topology()) -> dict:
     """{"acc", "acc_norm", "n"} over `examples` (see hellaswag_counts; every rank gets the same
     result). The model's training mode is restored after."""
     if not examples:
         raise ValueError("hellaswag_scores needs at least one example")
     correct, correct_norm, n = hellaswag_counts(model, tokenizer, examples, batch_size, device,
-                                                autocast)
+                                                autocast, topology)
     return {"acc": correct / n, "acc_norm": correct_norm / n, "n": n}
 
 
@@ -357,18 +359,18 @@ class BenchmarkEvalConfig:
 
 
 def make_benchmark_eval(cfg: BenchmarkEvalConfig, tokenizer, batch_size: int):
-    """The function the loop calls at each evaluation, `fn(model, accelerator) -> dict`, or
+    """The function the loop calls at each evaluation, `fn(model, backend) -> dict`, or
     None without --eval_tasks; the data is read and checked now, before any training."""
     if not cfg.eval_tasks:
         return None
     data = {task: load_hellaswag(cfg.eval_tasks_data_files, cfg.eval_tasks_limit or None)
             for task in cfg.eval_tasks}
 
-    def run(model, accelerator) -> dict:
+    def run(model, backend) -> dict:
         results = {}
         for task, examples in data.items():
-            scores = hellaswag_scores(model, tokenizer, examples, batch_size,
-                                      accelerator.device, accelerator.autocast)
+            scores = hellaswag_scores(model, tokenizer, examples, batch_size, backend.device,
+                                      backend.accelerator.autocast, backend.topology)
             results.update({f"eval_{task}_acc": scores["acc"],
                             f"eval_{task}_acc_norm": scores["acc_norm"]})
         return results
@@ -377,28 +379,31 @@ def make_benchmark_eval(cfg: BenchmarkEvalConfig, tokenizer, batch_size: int):
 
 # ----------------------------------------------------------------------------- CLI
 
-def _start_distributed() -> bool:
-    """Join the process group torchrun describes (WORLD_SIZE > 1); True if this call made it."""
+def _start_distributed(topology: Topology) -> bool:
+    """Join the process group torchrun describes (more than one process); True if this call
+    made it."""
     d = torch.distributed
-    if int(os.environ.get("WORLD_SIZE", "1")) <= 1 or (d.is_available() and d.is_initialized()):
+    if not topology.distributed or (d.is_available() and d.is_initialized()):
         return False
     if torch.cuda.is_available():
-        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+        torch.cuda.set_device(topology.local_rank)
     d.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
     return True
 
 
 def main(cfg: EvalConfig) -> dict:
-    from clm.runtime import close_distributed
     from clm.sampling import load_model
 
     data = {task: load_hellaswag(cfg.data_files, cfg.limit) for task in cfg.tasks}  # before the model
-    started = _start_distributed()
+    topology = Topology.from_launcher()
+    started = _start_distributed(topology)
     try:
+        topology.check_group()
         model, tokenizer = load_model(cfg.model, cfg.device, cfg.dtype)
-        results = {task: hellaswag_scores(model, tokenizer, examples, cfg.batch_size)
+        results = {task: hellaswag_scores(model, tokenizer, examples, cfg.batch_size,
+                                          topology=topology)
                    for task, examples in data.items()}
-        if dist_info()[0] == 0:
+        if topology.is_main:
             print(json.dumps(results), flush=True)
         return results
     finally:

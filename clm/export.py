@@ -5,7 +5,8 @@
 
 A checkpoint's weights are read from its training state (`state/`, what a resume loads), not
 copied from the HF files beside it, so the export is exactly the model training would continue
-from: `state/model.safetensors` for DDP and single-process runs, and for DeepSpeed ZeRO-1/2/3
+from. The manifest names the backend that wrote the state, and that backend reads it back
+(clm.parallel, `weights_from_state`): `state/model.safetensors` for DDP and single-process runs, and for DeepSpeed ZeRO-1/2/3
 the fp32 master weights, whose partitions (one file per rank) are gathered back into whole
 tensors by DeepSpeed's own reader; for FSDP2 the torch.distributed.checkpoint folder
 (`state/dcp/`), read whole by torch's format converter. No GPU or process group is needed. A LoRA
@@ -24,13 +25,10 @@ import argparse
 import sys
 from pathlib import Path
 
-import torch
 
-from .backend import DCP_DIR
-from .checkpoint import MANIFEST, save_model_folder, step_folders, verify
-from .config import UsageError, first_line
+from .checkpoint import MANIFEST, read_manifest, save_model_folder, step_folders, verify
+from .errors import UsageError, first_line
 
-ZERO_TAG = "pytorch_model"  # the tag Accelerate's save_state gives DeepSpeed checkpoints
 WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin",
                 "pytorch_model.bin.index.json")
 ADAPTER_FILES = ("adapter_model.safetensors", "adapter_model.bin")
@@ -143,59 +141,6 @@ def load_plain_model(name: str, dtype=None, arg: str = "--model "):
 
 # ----------------------------------------------------------------------------- checkpoints
 
-def _zero_weights(state_dir: Path) -> dict:
-    """fp32 weights of a DeepSpeed ZeRO checkpoint, its per-rank partitions joined."""
-    from .runtime import deepspeed_device
-
-    deepspeed_device()
-    if list((state_dir / ZERO_TAG).glob("bf16_*_optim_states.pt")):
-        return _bf16_optimizer_weights(state_dir)
-    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
-
-    return get_fp32_state_dict_from_zero_checkpoint(str(state_dir), tag=ZERO_TAG)
-
-
-def _bf16_optimizer_weights(state_dir: Path) -> dict:
-    """fp32 masters of a checkpoint written by DeepSpeed's BF16_Optimizer (ZeRO-1 under bf16),
-    whose partition files zero_to_fp32 does not read: DeepSpeed's universal converter (the
-    same one a resume on a new number of processes uses) writes each parameter whole, as
-    `zero/<name>/fp32.pt`, into a temporary folder."""
-    import tempfile
-
-    from .backend import _convert_to_universal
-
-    with tempfile.TemporaryDirectory(dir=state_dir.parent.parent) as tmp:
-        universal = Path(tmp) / "universal"
-        error = _convert_to_universal(state_dir, [ZERO_TAG], universal)
-        if error:
-            raise UsageError(f"could not read the bf16 DeepSpeed checkpoint {state_dir} "
-                             f"({error}); export a checkpoint saved by ZeRO-2 or -3")
-        params = universal / ZERO_TAG / "zero"
-        state = {p.name: torch.load(p / "fp32.pt", weights_only=False)["param"]
-                 for p in params.iterdir() if (p / "fp32.pt").is_file()}
-    # a tied weight (lm_head.weight of GPT-2) is written too, from its own, stale copy: it
-    # is the one it is tied to, as zero_to_fp32 makes it
-    model_states = next((state_dir / ZERO_TAG).glob("*_model_states.pt"))
-    shared = torch.load(model_states, weights_only=False, map_location="cpu").get("shared_params")
-    for alias, source in (shared or {}).items():
-        if source in state:
-            state[alias] = state[source]
-    return state
-
-
-def _fsdp_weights(dcp_dir: Path) -> dict:
-    """Full weights of an FSDP2 checkpoint (a torch.distributed.checkpoint folder of sharded
-    model and optimizer states), read without a process group."""
-    import tempfile
-
-    from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
-
-    with tempfile.TemporaryDirectory() as tmp:
-        dcp_to_torch_save(str(dcp_dir), f"{tmp}/state.pt")
-        saved = torch.load(f"{tmp}/state.pt", weights_only=False)
-    return {k: v.float() for k, v in saved["model"].items()}
-
-
 def is_checkpoint(folder: Path) -> bool:
     """A training checkpoint (complete or not), rather than a model folder."""
     return (folder / MANIFEST).is_file() or (folder / "state").is_dir()
@@ -203,24 +148,20 @@ def is_checkpoint(folder: Path) -> bool:
 
 def load_training_weights(checkpoint: Path):
     """The model of a checkpoint, built from its config and its training-state weights."""
-    from safetensors.torch import load_file
     from transformers import AutoConfig, AutoModelForCausalLM, GenerationConfig
+
+    from .parallel import BACKENDS
 
     problem = verify(checkpoint)
     if problem:
         raise UsageError(f"checkpoint {checkpoint} is damaged: {problem} (export an earlier "
                          "checkpoint)")
-    state_dir = checkpoint / "state"
-    if (state_dir / "model.safetensors").is_file():
-        state = load_file(state_dir / "model.safetensors")
-    elif list(state_dir.glob(f"{ZERO_TAG}/*_model_states.pt")):
-        state = _zero_weights(state_dir)
-    elif (state_dir / DCP_DIR / ".metadata").is_file():
-        state = _fsdp_weights(state_dir / DCP_DIR)
-    else:
-        raise UsageError(f"checkpoint {checkpoint} has none of state/model.safetensors, "
-                         f"DeepSpeed state/{ZERO_TAG}/ or FSDP state/{DCP_DIR}/ (pass a "
-                         "complete checkpoint)")
+    name = read_manifest(checkpoint).get("backend")
+    if name not in BACKENDS:
+        raise UsageError(f"checkpoint {checkpoint}'s manifest names no backend this version "
+                         f"reads ({name!r}; known: {', '.join(BACKENDS)}): export it with the "
+                         "version that wrote it")
+    state = BACKENDS[name].weights_from_state(checkpoint / "state")
     # a run with --torch_compile may have saved the compiled wrapper's names
     state = {k.removeprefix("_orig_mod."): v for k, v in state.items()}
     lora = (checkpoint / "adapter_config.json").is_file()

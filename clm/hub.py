@@ -22,7 +22,7 @@ import threading
 import time
 from pathlib import Path
 
-from .config import first_line
+from .errors import first_line
 
 FINAL_IGNORE = ["checkpoints/*", "wandb/*", "runs/*", ".*", "*/.*", "*.tmp"]
 CHECKPOINT_IGNORE = ["state/*", "manifest.json", "trainer_state.json", ".*", "*.tmp"]

@@ -22,10 +22,12 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from .config import TrainingConfig, TrainingError
 from .attention import causal_rows, sdpa_backends
-from .backend import backend_of
-from .runtime import dist_info
+from .config import TrainingConfig
+from .errors import TrainingError
+from .parallel import Backend
+from .parallel.base import StepResult
+from .parallel.launch import all_reduce_sum
 
 
 @dataclass
@@ -62,12 +64,6 @@ def make_optimizer(model, cfg: TrainingConfig, fused: bool = False) -> torch.opt
          {"params": no_decay, "weight_decay": 0.0}],
         lr=cfg.learning_rate, betas=(cfg.adam_beta1, cfg.adam_beta2), eps=cfg.adam_epsilon,
         fused=fused)
-
-
-def _all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:
-    if dist_info()[1] > 1:
-        torch.distributed.all_reduce(tensor)
-    return tensor
 
 
 def prepare_batch(batch: dict, device) -> tuple[dict, int, int]:
@@ -165,20 +161,20 @@ def is_plain(batch: dict) -> bool:
     return "attention_mask" not in batch and "position_ids" not in batch
 
 
-def forward_backward(model, micro_batches, accelerator, stop: bool = False) -> torch.Tensor:
+def forward_backward(model, micro_batches, backend: Backend, stop: bool = False) -> torch.Tensor:
     """One optimizer step's gradients. Returns one device tensor, summed over all ranks:
     [NLL of every label token, label tokens, input tokens, ranks asking to stop (`stop` is
     this rank's wish)]. Nothing here waits for the device: the caller reads it, with the
     gradient norm, in the one host sync of the step (`clip_and_step`)."""
-    device = accelerator.device
+    device, topology = backend.device, backend.topology
     prepared = [prepare_batch(b, device) for b in micro_batches]
     counts = torch.tensor([sum(p[1] for p in prepared), sum(p[2] for p in prepared), stop],
                           dtype=torch.float64)
     # the global label count stays on the device: the scale needs no sync
-    counts = _all_reduce_sum(to_device(counts, device))
-    scale = dist_info()[1] / counts[0].clamp(min=1)
+    counts = all_reduce_sum(to_device(counts, device), topology)
+    # DDP and ZeRO average the gradients over the data-parallel ranks
+    scale = topology.dp_world_size / counts[0].clamp(min=1)
     total = torch.zeros((), dtype=torch.float64, device=device)
-    backend = backend_of(accelerator)
     for i, (batch, _, _) in enumerate(prepared):
         # the backward too: activation checkpointing runs the blocks' forward again in it
         with backend.micro_batch(model, last=i == len(prepared) - 1), \
@@ -186,18 +182,19 @@ def forward_backward(model, micro_batches, accelerator, stop: bool = False) -> t
             nll = token_nll(model, batch)
             backend.backward(model, nll * scale)
         total += nll.detach().double()
-    return torch.cat([_all_reduce_sum(total).view(1), counts])
+    return torch.cat([all_reduce_sum(total, topology).view(1), counts])
 
 
 @torch.no_grad()
-def evaluate(model, heldout, batch_size: int, accelerator) -> float | None:
+def evaluate(model, heldout, batch_size: int, backend: Backend) -> float | None:
     """Token-weighted mean NLL over the held-out set, each rank taking its share, summed.
 
     `heldout` is a tensor of packed blocks (pretraining) or a list of batches (finetuning).
     """
     if heldout is None:
         return None
-    rank, world = dist_info()
+    accelerator, topology = backend.accelerator, backend.topology
+    rank, world = topology.dp_rank, topology.dp_world_size
     if isinstance(heldout, torch.Tensor):
         mine = [_block_batch(c) for c in heldout[rank::world].split(batch_size)]
         passes = math.ceil(math.ceil(len(heldout) / world) / batch_size)
@@ -217,7 +214,7 @@ def evaluate(model, heldout, batch_size: int, accelerator) -> float | None:
             sums[0] += nll
             sums[1] += labels
     model.train()
-    total, count = _all_reduce_sum(sums).tolist()
+    total, count = all_reduce_sum(sums, topology).tolist()
     return total / count
 
 
@@ -225,7 +222,7 @@ def _block_batch(blocks: torch.Tensor) -> dict:
     return {"input_ids": blocks, "attention_mask": torch.ones_like(blocks), "labels": blocks}
 
 
-def train(cfg: TrainingConfig, accelerator, model, optimizer, batches, state: LoopState, logger,
+def train(cfg: TrainingConfig, backend: Backend, model, optimizer, batches, state: LoopState, logger,
           evaluate_fn, save_fn=None, stop=None, flops_per_token: float | None = None,
           peak_flops: float | None = None):
     """Run optimizer steps until `cfg.max_steps` or a stop request; `batches` never ends.
@@ -247,9 +244,9 @@ def train(cfg: TrainingConfig, accelerator, model, optimizer, batches, state: Lo
             wait = time.perf_counter()
             micro = [next(data) for _ in range(cfg.gradient_accumulation_steps)]
             window.data_s += time.perf_counter() - wait
-            sums = forward_backward(model, micro, accelerator, stop is not None and stop.local())
+            sums = forward_backward(model, micro, backend, stop is not None and stop.local())
             nll, labels, tokens, grad_norm, finite, stopping = _optimizer_step(
-                accelerator, model, optimizer, cfg, sums)
+                backend, model, optimizer, cfg, sums)
             state.bad_steps = 0 if finite else state.bad_steps + 1
             state.skipped += not finite
             state.step += 1
@@ -259,7 +256,7 @@ def train(cfg: TrainingConfig, accelerator, model, optimizer, batches, state: Lo
             logger.advance()
             if not finite or state.step % cfg.logging_steps == 0 or state.step == cfg.max_steps:
                 logger.log_train(window.record(state, lr, grad_norm, flops_per_token, peak_flops,
-                                               accelerator.device))
+                                               backend))
                 window = _Window()
             if state.bad_steps >= cfg.max_bad_steps:
                 raise TrainingError(
@@ -298,7 +295,7 @@ class _Window:
             self.skipped += 1
 
     def record(self, state: LoopState, lr: float, grad_norm: float, flops_per_token, peak_flops,
-               device) -> dict:
+               backend: Backend) -> dict:
         seconds = max(time.perf_counter() - self.start, 1e-9)
         tps = self.tokens / seconds
         record = {"step": state.step, "tokens": state.tokens,
@@ -308,20 +305,21 @@ class _Window:
                   # share of the time the loop waited for the DataLoader
                   "data_wait": round(self.data_s / seconds, 4)}
         # model FLOPs utilisation per device; None where the peak is unknown (CPUs)
-        record["mfu"] = round(flops_per_token * tps / (peak_flops * dist_info()[1]), 4) \
+        record["mfu"] = round(flops_per_token * tps / (peak_flops * backend.topology.world_size), 4) \
             if flops_per_token and peak_flops else None
-        if device.type == "cuda":  # this rank's peak, since the start
+        if backend.device.type == "cuda":  # this rank's peak, since the start
             record["max_memory_gb"] = round(torch.cuda.max_memory_allocated() / 2**30, 3)
         if self.skipped:
             record["skipped"] = self.skipped
         return record
 
 
-def _optimizer_step(accelerator, model, optimizer, cfg: TrainingConfig, sums):
+def _optimizer_step(backend: Backend, model, optimizer, cfg: TrainingConfig,
+                    sums) -> StepResult:
     """Clip and step unless the loss or gradient is non-finite (the backend's way).
 
     Takes forward_backward's device tensor and reads it, with the gradient norm, in the one
-    host sync of the step; returns a `backend.StepResult`.
+    host sync of the step.
     """
-    return backend_of(accelerator).clip_and_step(model, optimizer, cfg.max_grad_norm,
-                                                 cfg.mixed_precision == "fp16", sums)
+    return backend.clip_and_step(model, optimizer, cfg.max_grad_norm,
+                                 cfg.mixed_precision == "fp16", sums)

@@ -12,7 +12,8 @@ from __future__ import annotations
 
 import torch
 
-from .config import ModelConfig, UsageError, first_line
+from .config import ModelConfig
+from .errors import UsageError, first_line
 
 # (n_layer, n_head, n_embd, n_positions); the GPT-2 sizes are the published ones.
 PRESET_SHAPES = {
@@ -176,7 +177,7 @@ def compile_blocks(model) -> None:
     In place, not a wrapper: saved state keeps the model's own names (no `_orig_mod.`), so a
     checkpoint resumes with or without --torch_compile.
     """
-    from .backend import transformer_blocks
+    from .parallel.base import transformer_blocks
 
     for block in transformer_blocks(model):
         block.compile()

@@ -15,7 +15,7 @@ import torch
 import yaml
 
 from .checkpoint import save_model_folder
-from .config import UsageError
+from .errors import UsageError
 from .hub import command_line, model_card
 from .metrics import plot_loss_curve, read_metrics
 

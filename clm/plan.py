@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import functools
 import json
-import os
 from collections import deque
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -31,8 +30,10 @@ from pathlib import Path
 import torch
 
 from . import model as models
-from .config import DataConfig, ModelConfig, TrainingConfig, UsageError, first_line
+from .config import DataConfig, ModelConfig, TrainingConfig
+from .errors import UsageError, first_line
 from .metrics import PEAK_FLOPS
+from .parallel.launch import Topology
 
 GIB = 2**30
 GPT2_VOCAB = 50257
@@ -152,7 +153,7 @@ def model_shape(data_cfg: DataConfig, model_cfg: ModelConfig) -> Shape:
 def shape_of(model, name: str, block_size: int, vocab_note: str = "",
              checkpoint_dtype: str | None = None) -> Shape:
     """The Shape of a model (on the meta device or not: only shapes are read)."""
-    from .backend import transformer_blocks
+    from .parallel.base import transformer_blocks
 
     c = model.config
     index = {id(p): i for i, p in enumerate(model.parameters())}  # tied parameters once
@@ -266,14 +267,14 @@ def deepspeed_choices(config: dict) -> dict:
 def _repo_deepspeed(path: str, s: Setup) -> dict:
     """deepspeed_choices of one of the repository's ds_configs (a suggestion names it), filled
     as the run would fill it for `s`; of an empty config where the file is not there."""
-    from . import runtime
+    from .parallel.deepspeed import deepspeed_config
 
     file = Path(__file__).resolve().parent.parent / path
     cfg = TrainingConfig(output_dir="plan", mixed_precision=s.precision,
                          per_device_train_batch_size=s.micro_batch,
                          gradient_accumulation_steps=s.accumulation)
     try:
-        return deepspeed_choices(runtime.deepspeed_config(str(file), cfg, s.num_gpus))
+        return deepspeed_choices(deepspeed_config(str(file), cfg, s.num_gpus))
     except UsageError:
         offload = {"offload_optimizer": {"device": "cpu"}, "offload_param": {"device": "cpu"}}
         return deepspeed_choices({"zero_optimization": {
@@ -282,20 +283,20 @@ def _repo_deepspeed(path: str, s: Setup) -> dict:
 
 def setup_of(train_cfg: TrainingConfig, block_size: int, num_gpus: int,
              eager_attention: bool) -> Setup:
-    """The backend the run would use: --deepspeed (or accelerate's DeepSpeed config), --fsdp
-    where this version has it, else DDP."""
-    from . import runtime
+    """The backend the run would use (`parallel.choose`, as the run chooses it, errors
+    included), on `num_gpus`."""
+    from . import parallel
+    from .parallel.launch import resolve_mixed_precision
 
-    common = dict(precision=runtime.resolve_mixed_precision(train_cfg.mixed_precision),
+    common = dict(precision=resolve_mixed_precision(train_cfg.mixed_precision),
                   micro_batch=train_cfg.per_device_train_batch_size,
                   accumulation=train_cfg.gradient_accumulation_steps,
                   checkpointing=train_cfg.gradient_checkpointing, num_gpus=num_gpus,
                   block_size=block_size, eager_attention=eager_attention)
-    ds_file = runtime.deepspeed_config_file(train_cfg)
-    if ds_file:  # checked as the run would check it (contradictions are errors here too)
-        return Setup(**deepspeed_choices(runtime.deepspeed_config(ds_file, train_cfg, num_gpus)),
-                     **common)
-    if train_cfg.fsdp or os.environ.get("ACCELERATE_USE_FSDP", "").lower() in ("1", "true"):
+    choice = parallel.choose(train_cfg, num_gpus)
+    if choice.name == "deepspeed":
+        return Setup(**deepspeed_choices(choice.deepspeed_config), **common)
+    if choice.name == "fsdp":
         return Setup("fsdp", 3, False, False, **common)  # full_shard, the one mode supported
     return Setup("ddp", 0, False, False, **common)
 
@@ -346,7 +347,7 @@ def memory_terms(shape: Shape, s: Setup) -> list[tuple[str, str, float, str | No
             "copy", (c + 4) * block)
         if s.accumulation > 1:
             # set_requires_gradient_sync(False) on every micro-batch but the last
-            # (backend.FSDPBackend.micro_batch): torch 2.13's FSDPParam keeps each gradient
+            # (parallel.fsdp.FSDPBackend.micro_batch): torch 2.13's FSDPParam keeps each gradient
             # unsharded until the reduce-scatter, upcast to the fp32 reduce_dtype under
             # bf16/fp16 (to_accumulated_grad_if_needed), fp32 as computed without: the whole
             # model's, not 1/N
@@ -457,7 +458,7 @@ def logits_terms(shape: Shape, s: Setup) -> list[tuple[str, float]]:
     last chunk, as (what, bytes); measured on CPU to the byte in tests/test_plan.py.
 
     Under bf16/fp16 (autocast, FSDP's param dtype, DeepSpeed's 16-bit model) the logits reach
-    the loss in 16 bits (backend._autocast_outputs drops Accelerate's fp32 conversion), and
+    the loss in 16 bits (parallel.base.autocast_outputs drops Accelerate's fp32 conversion), and
     kept there for the chunks' recomputation: 2 bytes a value, and their gradient as many,
     gathered from the chunks'. Each chunk of loop.LOSS_CHUNK_ELEMENTS // vocab rows is upcast
     and log-softmaxed again in the backward: 10 bytes a value of one chunk. Logits of one
@@ -481,13 +482,13 @@ def logits_terms(shape: Shape, s: Setup) -> list[tuple[str, float]]:
 
 
 def zero3_knobs(shape: Shape, s: Setup) -> dict:
-    """The ZeRO-3 knobs of the run's JSON (runtime.deepspeed_config has filled its "auto"s;
-    one left is filled the same way here), DeepSpeed's defaults where left out."""
-    from . import runtime
+    """The ZeRO-3 knobs of the run's JSON (parallel.deepspeed.deepspeed_config has filled its
+    "auto"s; one left is filled the same way here), DeepSpeed's defaults where left out."""
+    from .parallel.deepspeed import DS_SIZES
 
-    h = shape.hidden  # Accelerate's own "auto", where runtime has no value of its own
+    h = shape.hidden  # Accelerate's own "auto", where we set no value of our own
     auto = {"stage3_prefetch_bucket_size": int(0.9 * h * h),
-            "stage3_param_persistence_threshold": 10 * h, **getattr(runtime, "DS_SIZES", {})}
+            "stage3_param_persistence_threshold": 10 * h, **DS_SIZES}
     knobs = dict(ZERO3_KNOBS, **dict(s.zero3))
     return {k: int(float(auto.get(k, ZERO3_KNOBS[k]) if v == "auto" else v))
             for k, v in knobs.items()}
@@ -674,12 +675,14 @@ def local_gpu() -> tuple[str | None, float | None]:
     return torch.cuda.get_device_name(0), torch.cuda.get_device_properties(0).total_memory / GIB
 
 
-def make_plan(data_cfg: DataConfig, model_cfg: ModelConfig, train_cfg: TrainingConfig) -> dict:
-    """Every figure of the plan, as the JSON line prints them."""
+def make_plan(data_cfg: DataConfig, model_cfg: ModelConfig, train_cfg: TrainingConfig,
+              topology: Topology = Topology()) -> dict:
+    """Every figure of the plan, as the JSON line prints them; for --dry_run_num_gpus GPUs,
+    else for as many as the launcher started (`topology`)."""
     name, memory = local_gpu()
     gpu = train_cfg.dry_run_gpu or (name if name in PEAK_FLOPS else DEFAULT_GPU)
     gpu_gib = train_cfg.dry_run_gpu_memory_gb or memory or DEFAULT_GPU_MEMORY_GIB
-    num_gpus = train_cfg.dry_run_num_gpus or int(os.environ.get("WORLD_SIZE", "1"))
+    num_gpus = train_cfg.dry_run_num_gpus or topology.world_size
     shape = model_shape(data_cfg, model_cfg)
     s = setup_of(train_cfg, data_cfg.block_size, num_gpus,
                  model_cfg.attn_implementation == "eager")
@@ -770,10 +773,11 @@ def format_plan(plan: dict) -> list[str]:
     return lines
 
 
-def print_plan(data_cfg: DataConfig, model_cfg: ModelConfig, train_cfg: TrainingConfig) -> dict:
+def print_plan(data_cfg: DataConfig, model_cfg: ModelConfig, train_cfg: TrainingConfig,
+               topology: Topology = Topology()) -> dict:
     """Print the plan (once, on rank 0 of a launch) and return it."""
-    plan = make_plan(data_cfg, model_cfg, train_cfg)
-    if int(os.environ.get("RANK", "0")) == 0:
+    plan = make_plan(data_cfg, model_cfg, train_cfg, topology)
+    if topology.is_main:
         print("\n".join(format_plan(plan)))
         print(json.dumps(plan), flush=True)
     return plan

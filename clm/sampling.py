@@ -25,7 +25,8 @@ from typing import Optional
 
 import torch
 
-from .config import UsageError, _help
+from .config import _help
+from .errors import UsageError
 
 
 @dataclass

@@ -12,8 +12,10 @@ from __future__ import annotations
 from pathlib import Path
 
 from . import attention, checkpoint as ckpt, hub, loop, model as models, outputs, runtime
-from .backend import backend_of
 from .config import TrainingConfig
+from .errors import TrainingError
+from .parallel import Backend, Topology
+from .parallel.launch import close_distributed
 from .metrics import MetricsLogger, flat_config, peak_flops, read_metrics, wandb_run_id
 
 
@@ -30,8 +32,8 @@ def check_output(train_cfg: TrainingConfig) -> Path | None:
     return None
 
 
-def fit_to_world(resume: Path | None, train_cfg: TrainingConfig, reshardable: bool = True,
-                 log=print) -> None:
+def fit_to_world(resume: Path | None, train_cfg: TrainingConfig, topology: Topology,
+                 reshardable: bool = True, log=print) -> None:
     """Resuming on another number of processes keeps the checkpoint's global batch: the
     accumulation steps are recomputed (and printed) for this run's processes and micro-batch;
     a global batch they cannot make exactly is a one-line error. Call before the accelerator
@@ -39,7 +41,7 @@ def fit_to_world(resume: Path | None, train_cfg: TrainingConfig, reshardable: bo
     if not resume:
         return
     saved = ckpt.read_trainer_state(resume)["fingerprint"]
-    before, world = saved["world_size"], runtime.launch_world_size()
+    before, world = saved["world_size"], topology.dp_world_size
     if before == world:
         return
     if not reshardable:
@@ -58,7 +60,7 @@ def fit_to_world(resume: Path | None, train_cfg: TrainingConfig, reshardable: bo
     accum = sequences // (micro * world)
     given = train_cfg.gradient_accumulation_steps
     change = f"{given} -> {accum}" if accum != given else f"stays {accum}"
-    if runtime.launch_rank() == 0:
+    if topology.is_main:
         log(f"resuming a {before}-process checkpoint on {world} process"
             f"{'es' if world > 1 else ''}: --gradient_accumulation_steps {change} keeps its "
             f"global batch of {sequences} sequences, {sequences * saved['block_size']:,} tokens "
@@ -72,15 +74,15 @@ def check_resume(resume: Path | None, fingerprint: dict) -> None:
                                resume)
 
 
-def run_training(accelerator, train_cfg: TrainingConfig, model, tokenizer, batches, heldout,
+def run_training(backend: Backend, train_cfg: TrainingConfig, model, tokenizer, batches, heldout,
                  run: dict, fingerprint: dict, resume: Path | None, seq_len: int,
                  finalize=None, extra_evals=()) -> dict:
     """Train `model` on `batches` (an endless loader with state_dict/load_state_dict) and write
     the output folder; `heldout` is what loop.evaluate takes; `run` the resolved config;
     `finalize(model, output_dir)`, on the main process, turns the trained model into the one
     the final folder holds (finetuning merges LoRA adapters there); `extra_evals`, functions
-    `(model, accelerator) -> {"eval_<metric>": ..}`, run beside the held-out loss."""
-    session = Session(accelerator, train_cfg, tokenizer, batches, heldout, run, fingerprint,
+    `(model, backend) -> {"eval_<metric>": ..}`, run beside the held-out loss."""
+    session = Session(backend, train_cfg, tokenizer, batches, heldout, run, fingerprint,
                       finalize, extra_evals)
     session.prepare(model, seq_len)
     session.start_or_resume(resume)
@@ -90,6 +92,14 @@ def run_training(accelerator, train_cfg: TrainingConfig, model, tokenizer, batch
     try:
         stop = session.train()
         return session.stopped(stop) if stop else session.finish()
+    except TrainingError:
+        # every rank raises it at the same step, so they can leave the group together (a group
+        # left to interpreter shutdown can abort the process after the error line)
+        try:
+            close_distributed()
+        except Exception:  # the error line matters more than a clean goodbye
+            pass
+        raise
     finally:  # on every way out, errors included: what was queued is pushed or reported
         if session.pusher:
             session.pusher.finish_and_report(timeout=120)
@@ -98,14 +108,14 @@ def run_training(accelerator, train_cfg: TrainingConfig, model, tokenizer, batch
 class Session:
     """The pieces of one run and its steps, in the order run_training calls them."""
 
-    def __init__(self, accelerator, train_cfg: TrainingConfig, tokenizer, batches, heldout,
+    def __init__(self, backend: Backend, train_cfg: TrainingConfig, tokenizer, batches, heldout,
                  run: dict, fingerprint: dict, finalize=None, extra_evals=()):
-        self.accelerator, self.cfg, self.tokenizer = accelerator, train_cfg, tokenizer
+        self.backend, self.accelerator = backend, backend.accelerator
+        self.cfg, self.tokenizer = train_cfg, tokenizer
         self.batches, self.heldout, self.run, self.fingerprint = batches, heldout, run, fingerprint
         self.finalize, self.extra_evals = finalize, list(extra_evals)
         self.out = Path(train_cfg.output_dir)
-        self.main = accelerator.is_main_process
-        self.backend = backend_of(accelerator)
+        self.main = backend.topology.is_main
         self.state, self.tracker_id, self.pusher = loop.LoopState(), None, None
         run["name"] = train_cfg.run_name or self.out.resolve().name
 
@@ -127,12 +137,12 @@ class Session:
         loop.compile_loss(cfg.torch_compile)
         self.model, self.optimizer = self.backend.prepare(model, make_optimizer(model),
                                                           make_optimizer)
-        self.run["distributed"] = runtime.describe(self.accelerator)
+        self.run["distributed"] = runtime.describe(self.backend)
 
     def start_or_resume(self, resume: Path | None) -> None:
         """Load the checkpoint (and carry its metrics over), or start the output folder."""
         if resume:
-            saved = ckpt.load_checkpoint(self.accelerator, self.model, self.optimizer, resume,
+            saved = ckpt.load_checkpoint(self.backend, self.model, self.optimizer, resume,
                                          self.batches)
             self.state = loop.LoopState(**saved["loop"])
             self.tracker_id = saved.get("tracker_id")
@@ -167,15 +177,15 @@ class Session:
         # own, each a recompilation of the training graphs (--torch_compile)
         with models.eager():
             loss = loop.evaluate(self.model, self.heldout, self.cfg.per_device_eval_batch_size,
-                                 self.accelerator)
+                                 self.backend)
             results = {"eval_loss": loss} if loss is not None else {}
             for fn in self.extra_evals:
-                results.update(fn(self.model, self.accelerator))
+                results.update(fn(self.model, self.backend))
         return results
 
     def save(self, state) -> None:
         path = ckpt.save_checkpoint(
-            self.accelerator, self.model, self.optimizer, self.tokenizer, self.batches, state,
+            self.backend, self.model, self.optimizer, self.tokenizer, self.batches, state,
             {"fingerprint": self.fingerprint, "tracker_id": self.tracker_id,
              "run_config": self.run},
             self.out, self.cfg.save_total_limit, keep=self.pusher.busy() if self.pusher else ())
@@ -186,7 +196,7 @@ class Session:
         """The loop until max_steps or a signal; returns the signal's name if stopped by one."""
         with runtime.StopRequest() as stop:
             try:
-                loop.train(self.cfg, self.accelerator, self.model, self.optimizer, self.batches,
+                loop.train(self.cfg, self.backend, self.model, self.optimizer, self.batches,
                            self.state, self.logger, self.evaluate, save_fn=self.save, stop=stop,
                            flops_per_token=self.fpt,
                            peak_flops=peak_flops(self.accelerator.device))
@@ -209,7 +219,7 @@ class Session:
         """The final model folder, samples and card; the Hub push of the final model."""
         self.accelerator.wait_for_everyone()
         self._record_evals()
-        final_model = ckpt.full_model(self.accelerator, self.model)  # collective if sharded
+        final_model = self.backend.full_model(self.model)  # collective if sharded
         if self.main:
             if self.finalize is not None:
                 final_model = self.finalize(final_model, self.out)
@@ -250,5 +260,5 @@ class Session:
         # rank that got there while rank 0 was still writing the final folder tore its gloo
         # group down under a live peer and aborted ("terminate called without an active
         # exception", exit -6, seen 2 times in ~10 two-process suites) after all was written.
-        runtime.close_distributed()
+        close_distributed()
         self.accelerator.end_training()

@@ -25,7 +25,8 @@ from typing import Optional
 
 import torch
 
-from .config import UsageError, _help, first_line
+from .config import _help
+from .errors import UsageError, first_line
 from .data import BUILDERS, is_heldout, resolve_files
 
 # For tokenizers without a chat template (GPT-2's): role headers, each message ended by EOS.

@@ -23,8 +23,9 @@ from typing import Optional
 
 import torch
 
-from .config import UsageError, _help, first_line
-from .runtime import dist_info
+from .config import _help
+from .errors import UsageError, first_line
+from .parallel import Backend
 
 LOCAL_MODULES = Path(__file__).resolve().parent / "eval_modules"
 
@@ -131,9 +132,12 @@ def completions(model, tokenizer, samples: list[dict], max_new_tokens: int, batc
 
 
 def generation_scores(model, tokenizer, samples: list[dict], metrics: dict, max_new_tokens: int,
-                      batch_size: int, device, autocast=None, synced: bool = False) -> dict:
-    """{"eval_<key>": value} of every metric over `samples`, each rank generating its share."""
-    rank, world = dist_info()
+                      batch_size: int, backend: Backend) -> dict:
+    """{"eval_<key>": value} of every metric over `samples`, each rank generating its share
+    (`model` unwrapped; in lockstep where the backend gathers weights per forward)."""
+    rank, world = backend.topology.dp_rank, backend.topology.dp_world_size
+    device, autocast = backend.device, backend.accelerator.autocast
+    synced = backend.synced_generation()
     was_training = model.training
     model.eval()
     try:
@@ -164,7 +168,7 @@ def generation_scores(model, tokenizer, samples: list[dict], metrics: dict, max_
 
 def make_eval(cfg: GenerationEvalConfig, tokenizer, records: list[dict], block_size: int,
               batch_size: int) -> Optional[callable]:
-    """The function the loop calls at each evaluation, `fn(model, accelerator) -> dict`, or
+    """The function the loop calls at each evaluation, `fn(model, backend) -> dict`, or
     None without --eval_metrics; loads the metrics and picks the prompts now (errors first)."""
     if not cfg.eval_metrics:
         return None
@@ -172,11 +176,8 @@ def make_eval(cfg: GenerationEvalConfig, tokenizer, records: list[dict], block_s
     samples = prompts(records, tokenizer, cfg.eval_generate_samples)
     check_samples(samples, cfg, block_size)
 
-    def run(model, accelerator) -> dict:
-        from .backend import backend_of
-
-        inner = accelerator.unwrap_model(model)
+    def run(model, backend: Backend) -> dict:
+        inner = backend.accelerator.unwrap_model(model)
         return generation_scores(inner, tokenizer, samples, metrics, cfg.eval_max_new_tokens,
-                                 batch_size, accelerator.device, accelerator.autocast,
-                                 synced=backend_of(accelerator).synced_generation())
+                                 batch_size, backend)
     return run

@@ -11,7 +11,8 @@ BOS/EOS/UNK like GPT-2's) and saves a transformers tokenizer folder that `AutoTo
 from __future__ import annotations
 
 import argparse
-from .config import DataConfig, UsageError, run_cli
+from .config import DataConfig, run_cli
+from .errors import UsageError
 
 EOS = "<|endoftext|>"
 

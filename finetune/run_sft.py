@@ -31,11 +31,12 @@ def main(data_cfg: SFTDataConfig, model_cfg: ModelConfig, train_cfg: TrainingCon
 
     from clm import checkpoint as ckpt, data, model as models, outputs, runtime, session, sft
     from clm import task_eval
-    from clm.backend import backend_of
+    from clm.parallel.launch import Topology
 
     # --- check everything the user gave us before any work
+    topology = Topology.from_launcher()
     resume = session.check_output(train_cfg)
-    session.fit_to_world(resume, train_cfg, reshardable=hasattr(sft.ExampleLoader, "restore"))
+    session.fit_to_world(resume, train_cfg, topology, reshardable=hasattr(sft.ExampleLoader, "restore"))
     if not model_cfg.model_name_or_path:
         raise UsageError("finetuning needs --model_name_or_path (a Hub name such as gpt2, or a "
                          "folder written by train_clm.py)")
@@ -51,13 +52,13 @@ def main(data_cfg: SFTDataConfig, model_cfg: ModelConfig, train_cfg: TrainingCon
     task_metrics = task_eval.make_eval(eval_cfg, tokenizer,
                                        heldout_records, data_cfg.block_size,
                                        train_cfg.per_device_eval_batch_size)
-    accelerator = runtime.make_accelerator(train_cfg)
-    rank, world = runtime.dist_info()
+    backend = runtime.start(train_cfg, topology)
+    rank, world = topology.dp_rank, topology.dp_world_size
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     batch = train_cfg.per_device_train_batch_size
     batches = sft.ExampleLoader(examples, batch, pad, train_cfg.seed, rank, world,
                                 packing_block_size=data_cfg.block_size if data_cfg.packing else None)
-    if lora.use_peft and backend_of(accelerator).shards_parameters:
+    if lora.use_peft and backend.shards_parameters:
         raise UsageError("--use_peft with ZeRO-3 or FSDP is not supported (use "
                          "ds_configs/zero2.json or DDP: the adapters are small)")
     sft.check_lora_targets(model_cfg.model_name_or_path, lora)
@@ -71,7 +72,7 @@ def main(data_cfg: SFTDataConfig, model_cfg: ModelConfig, train_cfg: TrainingCon
                                    batch * train_cfg.gradient_accumulation_steps * world, world, 0,
                                    ckpt.data_identity(data_cfg, ckpt.SFT_DATA))
     session.check_resume(resume, fingerprint)
-    if dropped and accelerator.is_main_process:
+    if dropped and topology.is_main:
         print(f"{dropped} training records had no completion token left within --block_size "
               f"{data_cfg.block_size} and were skipped")
 
@@ -82,7 +83,7 @@ def main(data_cfg: SFTDataConfig, model_cfg: ModelConfig, train_cfg: TrainingCon
                skipped_examples=dropped,
                trainable_params=sum(p.numel() for p in model.parameters() if p.requires_grad))
     return session.run_training(
-        accelerator, train_cfg, model, tokenizer, batches,
+        backend, train_cfg, model, tokenizer, batches,
         sft.eval_batches(heldout, train_cfg.per_device_eval_batch_size, pad), run, fingerprint,
         resume, data_cfg.block_size,
         finalize=sft.merge_lora if lora.use_peft and lora.merge_adapters else None,

@@ -4,7 +4,7 @@ bf16, for each config named, as the training session builds the engine.
     DS_ACCELERATOR=cpu python -m torch.distributed.run --standalone --nproc_per_node 2 \\
         tests/dist_ds_precision_check.py OUT zero1,zero2,zero3
 
-For each: the engine through make_accelerator and the backend's prepare (so Accelerate fills
+For each: the engine through runtime.start and the backend's prepare (so Accelerate fills
 what it fills), one optimizer step of two micro-batches, and what rank 0 saw written to
 OUT/<name>.json: the optimizer class DeepSpeed picked, its communication and gradient
 accumulation dtypes, the dtype of the gradient buffers it accumulated into, its reduce bucket
@@ -23,10 +23,9 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from clm import loop, runtime  # noqa: E402
-from clm.backend import backend_of  # noqa: E402
+from clm.parallel.launch import Topology, close_distributed  # noqa: E402
 from clm.config import TrainingConfig  # noqa: E402
-from clm.runtime import dist_info  # noqa: E402
-from dist_reshard_check import batch, reset_accelerate, tiny_model  # noqa: E402
+from dist_reshard_check import batch, dist_info, reset_accelerate, tiny_model  # noqa: E402
 
 REDUCING = ("all_reduce", "reduce_scatter_tensor", "reduce_scatter", "reduce",
             "all_reduce_coalesced")
@@ -62,8 +61,7 @@ def check(name: str, out: Path) -> dict:
                          deepspeed=str(ROOT / "ds_configs" / f"{name}.json"),
                          per_device_train_batch_size=4 // world, gradient_accumulation_steps=2,
                          max_grad_norm=1.0, mixed_precision="bf16", report_to="none")
-    accelerator = runtime.make_accelerator(cfg)
-    backend = backend_of(accelerator)
+    backend = runtime.start(cfg, Topology.from_launcher())
     model = tiny_model(0)
     make = lambda m: loop.make_optimizer(m, cfg, fused=False)  # noqa: E731
     engine, _ = backend.prepare(model, make(model), make)
@@ -72,7 +70,7 @@ def check(name: str, out: Path) -> dict:
     originals = record_reductions(seen)
     try:
         sums = loop.forward_backward(engine, [batch(1, rank, world), batch(2, rank, world)],
-                                     accelerator)
+                                     backend)
         result = backend.clip_and_step(engine, opt, cfg.max_grad_norm, False, sums)
     finally:
         for owner, key, fn in originals:
@@ -111,7 +109,7 @@ def main():
     out = Path(sys.argv[1])
     for name in sys.argv[2].split(","):
         check(name, out)
-    runtime.close_distributed()
+    close_distributed()
 
 
 if __name__ == "__main__":

@@ -15,17 +15,16 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
 
 from clm import loop, runtime  # noqa: E402
-from clm.backend import backend_of  # noqa: E402
+from clm.parallel.launch import Topology, close_distributed  # noqa: E402
 from clm.config import TrainingConfig  # noqa: E402
-from dist_reshard_check import batch, tiny_model  # noqa: E402
+from dist_reshard_check import batch, dist_info, tiny_model  # noqa: E402
 
 
 def main(out: Path):
     cfg = TrainingConfig(output_dir=str(out), fsdp="full_shard", mixed_precision="fp16",
                          per_device_train_batch_size=2, max_grad_norm=1.0, report_to="none")
-    accelerator = runtime.make_accelerator(cfg)
-    rank, world = runtime.dist_info()
-    backend = backend_of(accelerator)
+    backend = runtime.start(cfg, Topology.from_launcher())
+    rank, world = dist_info()
     make = lambda m: loop.make_optimizer(m, cfg, fused=backend.fused_optimizer())  # noqa: E731
     model, optimizer = backend.prepare(tiny_model(0), make(tiny_model(0)), make)
     sharded = [p for group in optimizer.param_groups for p in group["params"]]
@@ -33,12 +32,12 @@ def main(out: Path):
     steps = []
     for step, fault in enumerate(["none", "overflow on rank 1", "non-finite loss", "none"]):
         before = shard()
-        sums = loop.forward_backward(model, [batch(step + 1, rank, world)], accelerator)
+        sums = loop.forward_backward(model, [batch(step + 1, rank, world)], backend)
         if fault == "overflow on rank 1" and rank == 1:
             sharded[0].grad.to_local()[0] = float("inf")
         if fault == "non-finite loss":
             sums[0] = float("nan")
-        result = loop._optimizer_step(accelerator, model, optimizer, cfg, sums)
+        result = loop._optimizer_step(backend, model, optimizer, cfg, sums)
         after = shard()
         steps.append({"fault": fault, "stepped": result.stepped,
                       "moved": not torch.equal(before, after),
@@ -48,7 +47,7 @@ def main(out: Path):
     steps.append({"logits_dtype": str(model(input_ids=ids).logits.dtype)})
     out.mkdir(parents=True, exist_ok=True)
     (out / f"fp16_{rank}.json").write_text(json.dumps(steps))
-    runtime.close_distributed()
+    close_distributed()
 
 
 if __name__ == "__main__":

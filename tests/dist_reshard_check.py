@@ -27,12 +27,17 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from clm import loop, runtime  # noqa: E402
-from clm.backend import backend_of  # noqa: E402
+from clm.parallel.launch import Topology, close_distributed  # noqa: E402
 from clm.config import TrainingConfig  # noqa: E402
-from clm.runtime import dist_info  # noqa: E402
 
 GLOBAL_ROWS, SEQ, VOCAB = 4, 16, 128
 LR = (3e-3, 2e-3, 1e-3)  # the learning rate of steps 1, 2, 3
+
+
+def dist_info() -> tuple[int, int]:
+    """(rank, world size) as torch.distributed has them: what the checks hold the run's against."""
+    d = torch.distributed
+    return (d.get_rank(), d.get_world_size()) if d.is_initialized() else (0, 1)
 
 
 def tiny_model(seed: int):
@@ -60,7 +65,7 @@ def reset_accelerate():
 
 
 def engine_for(name: str, out: Path, world: int, init_seed: int):
-    """(cfg, accelerator, backend, model, optimizer) through make_accelerator and the backend's
+    """(cfg, accelerator, backend, model, optimizer) through runtime.start and the backend's
     prepare, as the training session builds them."""
     reset_accelerate()
     ds = None if name == "ddp" else str(ROOT / "ds_configs" / f"{name}.json")
@@ -68,8 +73,8 @@ def engine_for(name: str, out: Path, world: int, init_seed: int):
                          per_device_train_batch_size=GLOBAL_ROWS // world,
                          gradient_accumulation_steps=1, max_grad_norm=1.0, weight_decay=0.1,
                          mixed_precision="no", report_to="none")
-    accelerator = runtime.make_accelerator(cfg)
-    backend = backend_of(accelerator)
+    backend = runtime.start(cfg, Topology.from_launcher())
+    accelerator = backend.accelerator
     model = tiny_model(init_seed)
     make = lambda m: loop.make_optimizer(m, cfg, fused=backend.fused_optimizer())  # noqa: E731
     model, optimizer = backend.prepare(model, make(model), make)
@@ -82,7 +87,7 @@ def train_step(cfg, accelerator, backend, model, optimizer, step: int) -> None:
     rank, world = dist_info()
     for group in optimizer.param_groups:
         group["lr"] = LR[step - 1]
-    sums = loop.forward_backward(model, [batch(step, rank, world)], accelerator)
+    sums = loop.forward_backward(model, [batch(step, rank, world)], backend)
     assert backend.clip_and_step(model, optimizer, cfg.max_grad_norm, False, sums).stepped
 
 
@@ -136,9 +141,9 @@ def masters(accelerator, model) -> dict:
     return {n: p.detach().clone() for n, p in accelerator.unwrap_model(model).named_parameters()}
 
 
-def world_info(accelerator) -> dict:
+def world_info(backend) -> dict:
     return {"torch_world_size": dist.get_world_size(), "accelerate_num_processes":
-            accelerator.num_processes, "runtime_world_size": dist_info()[1]}
+            backend.accelerator.num_processes, "runtime_world_size": backend.topology.world_size}
 
 
 def save_run(work: Path, name: str, world: int) -> None:
@@ -152,7 +157,7 @@ def save_run(work: Path, name: str, world: int) -> None:
     train_step(cfg, acc, backend, model, opt, 3)
     cont = masters(acc, model)
     if dist.get_rank() == 0:
-        torch.save({**rec, **world_info(acc), "backend": backend.name,
+        torch.save({**rec, **world_info(backend), "backend": backend.name,
                     "zero_stage": getattr(backend, "stage", None)}, saved / "saved.pt")
         torch.save(cont, saved / "continued.pt")
     dist.barrier()
@@ -178,7 +183,7 @@ def load_run(work: Path, name: str, world: int, load_from: int, again: bool) -> 
     # a later save is an ordinary checkpoint of this number of processes again
     resaved = work / name / f"resaved_on_{world}" / "state"
     backend.save_state(model, opt, resaved)
-    out = {**rec, **world_info(acc), "backend": backend.name, "zero_stage": backend.stage,
+    out = {**rec, **world_info(backend), "backend": backend.name, "zero_stage": backend.stage,
            "rng_draws": draws, "load_universal_after": flag, "continued": cont,
            "steps_after": steps_after, "universal_existed_before": had_universal,
            "universal_inode": universal.stat().st_ino,
@@ -204,7 +209,7 @@ def main(work: str, save: bool, load_from: int, names: str):
             save_run(work, name, world)
         if load_from:
             load_run(work, name, world, load_from, again=i == 0)
-    runtime.close_distributed()
+    close_distributed()
 
 
 if __name__ == "__main__":

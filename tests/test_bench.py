@@ -166,3 +166,36 @@ def test_gpu_check_row_of_a_failed_item_has_its_exit_code_and_error(tmp_path, rc
     assert proc.stdout == f"| pretrain | tiny | {result} | 31 |  |\n"
     record = json.loads((tmp_path / "results.jsonl").read_text())
     assert record["status"] == {"1": "failed", "124": "timed out", "0": "failed"}[rc]
+
+
+def test_code_shape_finds_cycles_and_the_package_has_none(tmp_path):
+    """bench/code_shape.py's import graph: it finds a cycle where there is one (a deferred
+    import counts), and the package has none; its report prints every section."""
+    sys.path.insert(0, str(ROOT / "bench"))
+    import code_shape
+
+    assert code_shape.cycles({"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}}) == [("a", "b", "c")]
+    assert code_shape.cycles({"a": {"b"}, "b": set()}) == []
+    deferred = code_shape.ast.parse("def f():\n    from .b import x\nfrom . import c\n")
+    assert code_shape.imports("clm/a.py", deferred) >= {"clm.b", "clm.c"}
+    nested = code_shape.ast.parse("from ..errors import E\nfrom .base import B\n")
+    assert code_shape.imports("clm/parallel/ddp.py", nested) >= {"clm.errors",
+                                                                 "clm.parallel.base"}
+    proc = subprocess.run([sys.executable, "bench/code_shape.py"], cwd=ROOT, text=True,
+                          capture_output=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert "## import cycles: 0\n" in proc.stdout
+    for section in ("## lines per module", "## longest functions",
+                    "## modules an option passes through", "--per_device_train_batch_size"):
+        assert section in proc.stdout
+
+
+def test_only_the_launch_module_reads_ranks_from_the_environment():
+    """Topology is made once from the launcher (clm/parallel/launch.py) and passed along: no
+    other module of the package reads RANK / WORLD_SIZE / LOCAL_RANK or asks torch.distributed
+    for its rank or world size."""
+    readers = re.compile(r"environ(\.get)?\(?\[?[\"'](RANK|WORLD_SIZE|LOCAL_RANK|"
+                         r"LOCAL_WORLD_SIZE|GROUP_RANK)[\"']|get_rank\(\)|get_world_size\(\)")
+    found = [str(p.relative_to(ROOT)) for p in sorted((ROOT / "clm").rglob("*.py"))
+             if readers.search(p.read_text())]
+    assert found == ["clm/parallel/launch.py"]

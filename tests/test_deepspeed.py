@@ -16,7 +16,8 @@ import torch
 import yaml
 from safetensors.torch import load_file
 
-from clm import export, runtime
+from clm import export
+from clm.parallel import deepspeed
 from clm.config import TrainingConfig, UsageError
 from helpers import (ROOT, assert_export_is_the_model, assert_same_records,
                      assert_same_training, logits, metrics, run, torchrun, toy_args)
@@ -32,7 +33,7 @@ def train_cfg(**kw):
 def test_every_ds_config_is_filled_from_the_run_options():
     assert {f.stem for f in DS_FILES} >= {"zero1", "zero2", "zero3", "zero3_offload"}
     for f in DS_FILES:
-        config = runtime.deepspeed_config(str(f), train_cfg(), world_size=2)
+        config = deepspeed.deepspeed_config(str(f), train_cfg(), world_size=2)
         assert config["train_micro_batch_size_per_gpu"] == 4
         assert config["gradient_accumulation_steps"] == 2
         assert config["train_batch_size"] == 16
@@ -71,7 +72,7 @@ def test_bf16_ds_configs_accumulate_and_reduce_in_fp32():
     from deepspeed.runtime.config import DeepSpeedConfig
 
     for f in DS_FILES:
-        config = runtime.deepspeed_config(str(f), train_cfg(mixed_precision="bf16"),
+        config = deepspeed.deepspeed_config(str(f), train_cfg(mixed_precision="bf16"),
                                           world_size=1)  # DeepSpeedConfig's, without a group
         config["bf16"]["enabled"], config["fp16"]["enabled"] = True, False  # as Accelerate does
         if "stage3_param_persistence_threshold" in config["zero_optimization"]:
@@ -98,7 +99,7 @@ def test_ds_config_contradictions_are_errors(tmp_path, change, message):
     path = tmp_path / "ds.json"
     path.write_text(json.dumps(config))
     with pytest.raises(UsageError, match="^" + str(path)) as e:
-        runtime.deepspeed_config(str(path), train_cfg(), world_size=2)
+        deepspeed.deepspeed_config(str(path), train_cfg(), world_size=2)
     assert message in str(e.value) and "\n" not in str(e.value)
 
 
@@ -108,7 +109,7 @@ def test_ds_config_keeps_precision_values_it_sets(tmp_path):
     config["zero_optimization"]["reduce_bucket_size"] = 1000
     path = tmp_path / "ds.json"
     path.write_text(json.dumps(config))
-    filled = runtime.deepspeed_config(str(path), train_cfg(mixed_precision="bf16"), 2)
+    filled = deepspeed.deepspeed_config(str(path), train_cfg(mixed_precision="bf16"), 2)
     assert filled["communication_data_type"] == filled["data_types"]["grad_accum_dtype"] == "bf16"
     assert filled["zero_optimization"]["reduce_bucket_size"] == 1000
 
@@ -165,7 +166,7 @@ def test_missing_or_broken_deepspeed_file_is_one_line_exit_2(tmp_path, capsys):
     bad = tmp_path / "bad.json"
     bad.write_text("{not json")
     with pytest.raises(UsageError, match="cannot read DeepSpeed config"):
-        runtime.deepspeed_config(str(bad), train_cfg(), world_size=1)
+        deepspeed.deepspeed_config(str(bad), train_cfg(), world_size=1)
 
 
 def test_ddp_timeout_must_be_positive(tmp_path, capsys):
@@ -206,12 +207,12 @@ def test_every_accelerate_config_loads_and_names_existing_files(monkeypatch):
             for key, value in env.items():
                 if key.startswith("ACCELERATE_"):
                     monkeypatch.setenv(key, value)
-            path = runtime.deepspeed_config_file(TrainingConfig(output_dir="x"))
+            path = deepspeed.deepspeed_config_file(TrainingConfig(output_dir="x"))
             assert path == f"ds_configs/zero{f.stem[-1]}.json"
             assert (ROOT / path).is_file()
     monkeypatch.setenv("ACCELERATE_DEEPSPEED_CONFIG_FILE", "none")
     with pytest.raises(UsageError, match="DeepSpeed without a JSON file"):
-        runtime.deepspeed_config_file(TrainingConfig(output_dir="x"))
+        deepspeed.deepspeed_config_file(TrainingConfig(output_dir="x"))
 
 
 def train_records(out):

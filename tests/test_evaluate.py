@@ -10,6 +10,7 @@ import torch
 
 import clm.evaluate as ev
 from clm.config import UsageError, run_cli
+from clm.parallel import Topology
 from clm.evaluate import EvalConfig, hellaswag_counts, hellaswag_scores, load_hellaswag, \
     score_hellaswag
 from helpers import ROOT
@@ -171,11 +172,11 @@ def test_ranks_share_the_examples(loaded, data_file, monkeypatch):
     monkeypatch.setattr(torch.distributed, "all_reduce", lambda t: reduced.append(t.tolist()))
     passes = []
     for rank in (0, 1):
-        monkeypatch.setattr(ev, "dist_info", lambda r=rank: (r, 2))
         calls = []
         hook = model.register_forward_hook(lambda *_: calls.append(1))
         try:
-            hellaswag_counts(model, tokenizer, examples, batch_size=3)
+            hellaswag_counts(model, tokenizer, examples, batch_size=3,
+                             topology=Topology(rank=rank, world_size=2))
         finally:
             hook.remove()
         passes.append(len(calls))

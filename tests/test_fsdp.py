@@ -10,7 +10,8 @@ import yaml
 from safetensors.torch import load_file
 
 from clm import runtime
-from clm.backend import FSDPBackend, backend_of
+from clm.parallel import Topology
+from clm.parallel.fsdp import FSDPBackend
 from clm.config import TrainingConfig, UsageError
 from helpers import (ROOT, assert_export_is_the_model, assert_same_records, assert_same_training,
                      metrics, torchrun, toy_args)
@@ -73,9 +74,9 @@ def test_accelerate_fsdp_config_selects_fsdp2_and_keeps_accelerate_out(monkeypat
     config = load_config_from_file(str(ROOT / "accelerate_configs" / "fsdp.yaml"))
     assert config.distributed_type.value == "FSDP" and config.fsdp_config["fsdp_version"] == 2
     monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")  # what `accelerate launch` exports
-    accelerator = runtime.make_accelerator(TrainingConfig(output_dir="x"))
-    assert isinstance(backend_of(accelerator), FSDPBackend)
-    assert accelerator.distributed_type.value != "FSDP", "Accelerate does not wrap it again"
+    backend = runtime.start(TrainingConfig(output_dir="x"), Topology())
+    assert isinstance(backend, FSDPBackend)
+    assert backend.accelerator.distributed_type.value != "FSDP", "Accelerate does not wrap it again"
 
 
 @pytest.mark.parametrize("kw, message", [

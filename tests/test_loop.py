@@ -10,6 +10,8 @@ import torch.nn.functional as F
 
 from clm import attention, loop, runtime
 from clm.config import TrainingConfig
+from clm.parallel import Topology
+from clm.parallel.ddp import DDPBackend
 from helpers import metrics, run, toy_args
 
 
@@ -112,13 +114,14 @@ def test_packed_batches_reach_sdpa_unmasked_and_causal(monkeypatch):
 def test_fused_adamw_is_chosen_for_cuda_and_cpu_before_prepare():
     from accelerate.utils import DistributedType
 
-    from clm.backend import select
+    from clm.parallel import Choice, make_backend
 
     def fused(device, kind=DistributedType.NO, ds=None):
         plugin = SimpleNamespace(deepspeed_config=ds or {})
         accel = SimpleNamespace(device=torch.device(device), distributed_type=kind,
                                 state=SimpleNamespace(deepspeed_plugin=plugin))
-        return select(accel).fused_optimizer()
+        choice = Choice("deepspeed" if kind == DistributedType.DEEPSPEED else "ddp")
+        return make_backend(choice, accel, Topology()).fused_optimizer()
 
     assert fused("cuda") is True
     assert fused("cuda", DistributedType.MULTI_GPU) is True
@@ -201,6 +204,7 @@ def test_fp16_skipped_step_does_not_break_the_next_and_norm_is_unscaled(tmp_path
     model = toy_model()
     optimizer = loop.make_optimizer(model, cfg)
     model, optimizer = accelerator.prepare(model, optimizer)
+    backend = DDPBackend(accelerator, Topology())
     ids = torch.randint(1, 50, (2, 16), generator=torch.Generator().manual_seed(1))
     batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids}
 
@@ -213,16 +217,16 @@ def test_fp16_skipped_step_does_not_break_the_next_and_norm_is_unscaled(tmp_path
         return torch.stack([p.grad.norm() for p in clone.parameters()]).norm().item()
 
     # a step whose loss is not finite is skipped...
-    sums = loop.forward_backward(model, [batch], accelerator)
+    sums = loop.forward_backward(model, [batch], backend)
     before = {k: v.clone() for k, v in model.state_dict().items()}
     sums[0] = float("inf")
-    finite = loop._optimizer_step(accelerator, model, optimizer, cfg, sums).stepped
+    finite = loop._optimizer_step(backend, model, optimizer, cfg, sums).stepped
     assert not finite and all(torch.equal(before[k], v) for k, v in model.state_dict().items())
     assert accelerator.scaler.get_scale() == 1024.0, "the gradients were finite: no overflow"
     # ...and the next one steps (before the fix: "unscale_() has already been called")
     expected = true_norm()
-    sums = loop.forward_backward(model, [batch], accelerator)
-    _, _, _, grad_norm, finite, _ = loop._optimizer_step(accelerator, model, optimizer, cfg, sums)
+    sums = loop.forward_backward(model, [batch], backend)
+    _, _, _, grad_norm, finite, _ = loop._optimizer_step(backend, model, optimizer, cfg, sums)
     assert finite and not all(torch.equal(before[k], v) for k, v in model.state_dict().items())
     assert grad_norm == pytest.approx(expected, rel=1e-4), "the norm of unscaled gradients"
 

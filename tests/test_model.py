@@ -1,6 +1,8 @@
 """MFU's two halves without a GPU: the peak FLOP/s looked up by device name (clm.metrics), and the
 model's FLOPs per token as the loop turns them into a logged MFU."""
 
+from types import SimpleNamespace
+
 import pytest
 import torch
 from transformers import GPT2Config, GPT2LMHeadModel
@@ -8,6 +10,7 @@ from transformers import GPT2Config, GPT2LMHeadModel
 from clm import loop
 from clm.metrics import peak_flops, peak_flops_of
 from clm.model import flops_per_token, num_params
+from clm.parallel import Topology
 
 # Names as `torch.cuda.get_device_name` reports them; dense bf16 tensor-core peaks from the
 # datasheets (their sparse figures halved).
@@ -88,11 +91,11 @@ def logged_window(monkeypatch, peak, world=1) -> dict:
     clock = [100.0, 102.0]  # opened at 100 s, logged at 102 s (and after)
     monkeypatch.setattr(loop.time, "perf_counter",
                         lambda: clock.pop(0) if len(clock) > 1 else clock[0])
-    monkeypatch.setattr(loop, "dist_info", lambda: (0, world))
     window = loop._Window()
     window.add(nll=1.0, labels=4000, tokens=4096, finite=True)
+    backend = SimpleNamespace(topology=Topology(world_size=world), device=torch.device("cpu"))
     return window.record(loop.LoopState(step=1, tokens=4096), 1e-3, 1.0, FLOPS_PER_TOKEN_T32,
-                         peak, torch.device("cpu"))
+                         peak, backend)
 
 
 @pytest.mark.parametrize("world", [1, 2])

@@ -69,8 +69,8 @@ def trained(monkeypatch):
     seen = {}
     real = loop.train
 
-    def spy(cfg, accelerator, model, optimizer, *args, **kwargs):
-        state = real(cfg, accelerator, model, optimizer, *args, **kwargs)
+    def spy(cfg, backend, model, optimizer, *args, **kwargs):
+        state = real(cfg, backend, model, optimizer, *args, **kwargs)
         seen["params"] = {p.dtype for p in model.parameters() if p.requires_grad}
         seen["states"] = {v.dtype for s in optimizer.state.values() for k, v in s.items()
                           if k in ("exp_avg", "exp_avg_sq")}

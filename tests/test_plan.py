@@ -342,10 +342,11 @@ def test_logits_reach_the_loss_in_bf16_under_autocast():
     autocast, without its fp32 conversion of the outputs) the loss gets bf16 logits."""
     from accelerate import Accelerator
 
-    from clm import backend
+    from clm.parallel import Topology
+    from clm.parallel.ddp import DDPBackend
 
     accelerator = Accelerator(cpu=True, mixed_precision="bf16")
-    model, _ = backend.select(accelerator).prepare(
+    model, _ = DDPBackend(accelerator, Topology()).prepare(
         tiny_gpt2(n_layer=1, n_embd=32, vocab=64),
         torch.optim.AdamW([torch.zeros(1, requires_grad=True)]))
     seen = []
@@ -419,7 +420,8 @@ def test_fsdp_keeps_what_the_plan_counts_between_micro_batches(precision):
     leaves exactly the plan's term alive, 4 bytes a parameter, and no sharded gradient yet."""
     import torch.distributed as dist
 
-    from clm.backend import FSDPBackend
+    from clm.parallel import Topology
+    from clm.parallel.fsdp import FSDPBackend
 
     if dist.is_initialized():
         pytest.fail("a process group is already up in this process")
@@ -427,7 +429,7 @@ def test_fsdp_keeps_what_the_plan_counts_between_micro_batches(precision):
     try:
         model = tiny_gpt2(n_layer=2, n_embd=32, vocab=64)
         shape = plan.shape_of(model, "tiny", 16)
-        fsdp = FSDPBackend(SimpleNamespace(device=torch.device("cpu")), precision)
+        fsdp = FSDPBackend(SimpleNamespace(device=torch.device("cpu")), Topology(), precision)
         model, _ = fsdp.prepare(model, None, make_optimizer=lambda m: torch.optim.AdamW(
             m.parameters()))
         x = torch.randint(0, 64, (2, 16))

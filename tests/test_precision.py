@@ -33,12 +33,13 @@ def test_prepared_model_autocasts_and_unwraps_to_its_plain_forward():
     from accelerate import Accelerator
     from transformers import GPT2Config, GPT2LMHeadModel
 
-    from clm.backend import DDPBackend
+    from clm.parallel import Topology
+    from clm.parallel.ddp import DDPBackend
 
     model = GPT2LMHeadModel(GPT2Config(n_layer=1, n_head=2, n_embd=32, n_positions=16,
                                        vocab_size=64, bos_token_id=0, eos_token_id=0))
     accelerator = Accelerator(cpu=True, mixed_precision="bf16")
-    backend = DDPBackend(accelerator)
+    backend = DDPBackend(accelerator, Topology())
     prepared, _ = backend.prepare(model, torch.optim.AdamW(model.parameters()))
     ids = torch.randint(0, 64, (2, 8))
     assert prepared(input_ids=ids).logits.dtype == torch.bfloat16

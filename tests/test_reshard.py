@@ -130,19 +130,19 @@ def test_one_process_checkpoint_continues_on_two(tmp_path, corpus_dir, tokenizer
     assert abs(b - a) <= 0.01 * a, (a, b)
 
 
-def test_fit_to_world_keeps_the_global_batch(tmp_path, monkeypatch):
+def test_fit_to_world_keeps_the_global_batch(tmp_path):
     from clm import checkpoint as ckpt, session
     from clm.config import TrainingConfig
+    from clm.parallel.launch import Topology
 
     (tmp_path / "trainer_state.json").write_text(json.dumps(
         {"fingerprint": {"world_size": 2, "global_batch": 16, "block_size": 32}}))
     lines = []
 
     def fit(world, micro, accum, **kw):
-        monkeypatch.setenv("WORLD_SIZE", str(world))
         cfg = TrainingConfig(output_dir=str(tmp_path / "out"), per_device_train_batch_size=micro,
                              gradient_accumulation_steps=accum)
-        session.fit_to_world(tmp_path, cfg, log=lines.append, **kw)
+        session.fit_to_world(tmp_path, cfg, Topology(world_size=world), log=lines.append, **kw)
         return cfg.gradient_accumulation_steps
 
     assert fit(2, 4, 3) == 3 and not lines, "the same world: the fingerprint check decides"

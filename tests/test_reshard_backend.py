@@ -24,7 +24,6 @@ import sys
 import pytest
 import torch
 
-from clm import runtime
 from clm.config import UsageError
 from helpers import ROOT
 
@@ -74,8 +73,8 @@ def assert_same_state(saved: dict, loaded: dict) -> None:
 
 def expected_draws(state_dir, rank: int) -> list[float]:
     """torch.rand(4) right after a load on `rank`: from its saved RNG state where it has one,
-    else from the seed the backend documents (clm.backend.rank_seed)."""
-    from clm.backend import rank_seed
+    else from the seed the backend documents (clm.parallel.base.rank_seed)."""
+    from clm.parallel.base import rank_seed
 
     saved = state_dir / f"random_states_{rank}.pkl"
     generator = torch.Generator()
@@ -146,15 +145,16 @@ def test_universal_folder_is_reused(ds_work, saved_on, loaded_on):
 
 def test_failed_conversion_is_one_usage_error(tmp_path, monkeypatch):
     monkeypatch.setenv("DS_ACCELERATOR", "cpu")
-    from clm import backend
+    from clm.parallel import deepspeed
+    from clm.parallel.launch import Topology
 
-    assert runtime.dist_info() == (0, 1)
+    one = Topology()  # this test's single process
     state = tmp_path / "step-4" / "state"
     (state / "pytorch_model").mkdir(parents=True)
     torch.save({"not": "a zero checkpoint"},
                state / "pytorch_model" / "zero_pp_rank_0_mp_rank_00_optim_states.pt")
     with pytest.raises(UsageError) as e:
-        backend._universal_checkpoint(state, ["pytorch_model"], saved=2, world=1)
+        deepspeed._universal_checkpoint(state, ["pytorch_model"], saved=2, topology=one)
     message = str(e.value)
     assert "\n" not in message
     assert message.startswith(f"could not convert the DeepSpeed checkpoint {state} saved on 2 "
@@ -165,7 +165,7 @@ def test_failed_conversion_is_one_usage_error(tmp_path, monkeypatch):
     (state / "pytorch_model" / "zero_pp_rank_0_mp_rank_00_optim_states.pt").unlink()
     (state / "pytorch_model").rmdir()
     with pytest.raises(UsageError, match=r"\(no pytorch_model/ folder in it\); resume with 2"):
-        backend._universal_checkpoint(state, ["pytorch_model"], saved=2, world=1)
+        deepspeed._universal_checkpoint(state, ["pytorch_model"], saved=2, topology=one)
 
 
 def test_ddp_state_saved_on_two_processes_loads_on_one(tmp_path):
@@ -180,7 +180,7 @@ def test_ddp_state_saved_on_two_processes_loads_on_one(tmp_path):
     cfg, acc, backend, model, opt = check.engine_for("ddp", tmp_path / "loader", 1,
                                                      init_seed=1)
     assert backend.name == "ddp" and acc.num_processes == 1
-    assert runtime.dist_info() == (0, 1)
+    assert (backend.topology.rank, backend.topology.world_size) == (0, 1)
     assert not (torch.distributed.is_initialized() and torch.distributed.get_world_size() != 1)
     backend.load_state(model, opt, home / "state", saved_world_size=2)
     loaded = check.record(acc, model, opt)

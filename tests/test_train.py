@@ -321,29 +321,30 @@ def test_gradient_checkpointing_recomputes_and_trains_the_same(tmp_path, corpus_
     ("bf16", None, "bf16"), ("bf16", "no", "bf16"), ("fp16", "fp16", "fp16"), ("no", "no", "no"),
 ])
 def test_mixed_precision_from_the_launcher(monkeypatch, given, launcher, expected):
-    from clm import runtime
+    from clm.parallel import launch
 
     if launcher is None:
         monkeypatch.delenv("ACCELERATE_MIXED_PRECISION", raising=False)
     else:
         monkeypatch.setenv("ACCELERATE_MIXED_PRECISION", launcher)
-    assert runtime.resolve_mixed_precision(given) == expected
+    assert launch.resolve_mixed_precision(given) == expected
 
 
 def test_mixed_precision_contradicting_the_launcher_is_an_error(tmp_path, monkeypatch):
-    from clm import runtime
     from clm.config import UsageError
+    from clm.parallel import launch
+    from clm.parallel.deepspeed import deepspeed_config
 
     monkeypatch.setenv("ACCELERATE_MIXED_PRECISION", "bf16")
     for given in ("fp16", "no"):
         with pytest.raises(UsageError) as e:
-            runtime.resolve_mixed_precision(given)
+            launch.resolve_mixed_precision(given)
         assert str(e.value) == (
             f"--mixed_precision {given} contradicts the launcher's bf16 (accelerate launch "
             "--mixed_precision / the accelerate config): pass one of them")
     monkeypatch.setenv("ACCELERATE_MIXED_PRECISION", "fp8")
     with pytest.raises(UsageError, match="the launcher's mixed precision fp8 is not supported"):
-        runtime.resolve_mixed_precision(None)
+        launch.resolve_mixed_precision(None)
     # a DeepSpeed JSON that enables bf16 is checked against the resolved precision, as before
     ds = json.loads((ROOT / "ds_configs" / "zero2.json").read_text())
     ds["bf16"] = {"enabled": True}
@@ -351,10 +352,10 @@ def test_mixed_precision_contradicting_the_launcher_is_an_error(tmp_path, monkey
     path.write_text(json.dumps(ds))
     cfg = TrainingConfig(output_dir=str(tmp_path / "o"))
     monkeypatch.setenv("ACCELERATE_MIXED_PRECISION", "bf16")
-    assert runtime.deepspeed_config(str(path), cfg, 1)["bf16"] == {"enabled": True}
+    assert deepspeed_config(str(path), cfg, 1)["bf16"] == {"enabled": True}
     monkeypatch.delenv("ACCELERATE_MIXED_PRECISION")
     with pytest.raises(UsageError, match="enables bf16 but --mixed_precision is no"):
-        runtime.deepspeed_config(str(path), cfg, 1)
+        deepspeed_config(str(path), cfg, 1)
 
 
 def test_launcher_precision_is_used_and_recorded(tmp_path, corpus_dir, tokenizer_dir,
