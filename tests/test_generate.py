@@ -151,6 +151,48 @@ def test_export_matches_the_training_model(trained, tmp_path):
         export_main([str(trained / "checkpoints" / "step-8"), str(out)])  # not empty
 
 
+def test_export_reads_the_backend_the_manifest_names(trained, tmp_path, monkeypatch, capsys):
+    """The manifest names the backend that wrote state/ ("ddp" here), and export asks that
+    backend for the weights: it does not guess from the files. A manifest naming another
+    backend is read as that backend's state (and fails for want of its files); one naming no
+    backend this version knows is a one-line error."""
+    import json
+    import shutil
+
+    from clm import parallel
+    from clm.export import main as export_main
+
+    checkpoint = tmp_path / "step-8"
+    shutil.copytree(trained / "checkpoints" / "step-8", checkpoint)
+    manifest = json.loads((checkpoint / "manifest.json").read_text())
+    assert manifest["backend"] == "ddp"
+    asked = []
+    for name, cls in parallel.BACKENDS.items():
+        real = cls.weights_from_state
+        monkeypatch.setattr(cls, "weights_from_state",
+                            staticmethod(lambda d, n=name, f=real: asked.append(n) or f(d)))
+    export_main([str(checkpoint), str(tmp_path / "ddp")])
+    assert asked == ["ddp"]
+
+    (checkpoint / "manifest.json").write_text(json.dumps({**manifest, "backend": "fsdp"}))
+    capsys.readouterr()
+    with pytest.raises(SystemExit):  # FSDP's reader finds no state/dcp/ folder
+        export_main([str(checkpoint), str(tmp_path / "fsdp")])
+    assert asked == ["ddp", "fsdp"]
+    assert "has no dcp/.metadata, which a training state saved by the fsdp backend holds" in \
+        capsys.readouterr().err
+
+    del manifest["backend"]
+    (checkpoint / "manifest.json").write_text(json.dumps(manifest))
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as e:
+        export_main([str(checkpoint), str(tmp_path / "none")])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert e.value.code == 2 and len(err) == 1
+    assert "manifest names no backend this version reads (None; known: ddp, deepspeed, fsdp)" \
+        in err[0]
+
+
 # ----------------------------------------------------------------------------- LoRA runs
 
 @pytest.fixture(scope="module")

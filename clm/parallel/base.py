@@ -21,6 +21,7 @@ from typing import NamedTuple
 
 import torch
 
+from ..errors import UsageError
 from .launch import Topology
 
 
@@ -131,6 +132,15 @@ class Backend:
         builds the exported model from."""
         raise NotImplementedError
 
+    @classmethod
+    def _saved(cls, state_dir: Path, pattern: str) -> Path:
+        """The file of `state_dir` matching `pattern` that this backend's states hold; a
+        UsageError (naming it) where there is none."""
+        found = sorted(Path(state_dir).glob(pattern))
+        if not found:
+            raise UsageError(f"{state_dir} has no {pattern}, which a training state saved by "
+                             f"the {cls.name} backend holds (pass a complete checkpoint)")
+        return found[0]
 
 
 def autocast_outputs(model, accelerator) -> None:

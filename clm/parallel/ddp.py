@@ -34,4 +34,4 @@ class DDPBackend(Backend):
     def weights_from_state(state_dir: Path) -> dict:
         from safetensors.torch import load_file
 
-        return load_file(Path(state_dir) / "model.safetensors")
+        return load_file(DDPBackend._saved(state_dir, "model.safetensors"))

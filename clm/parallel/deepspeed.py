@@ -142,6 +142,7 @@ class DeepSpeedBackend(DDPBackend):
 
     @staticmethod
     def weights_from_state(state_dir: Path) -> dict:
+        DeepSpeedBackend._saved(state_dir, f"{ZERO_TAG}/*_model_states.pt")
         return _zero_weights(Path(state_dir))
 
 

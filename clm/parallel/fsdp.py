@@ -148,7 +148,7 @@ class FSDPBackend(Backend):
 
     @staticmethod
     def weights_from_state(state_dir: Path) -> dict:
-        return _fsdp_weights(Path(state_dir) / DCP_DIR)
+        return _fsdp_weights(FSDPBackend._saved(state_dir, f"{DCP_DIR}/.metadata").parent)
 
 
 def _fsdp_weights(dcp_dir: Path) -> dict:
