@@ -15,7 +15,7 @@ loss_curve.png, samples.txt, run_config.yaml and a model card.
 
 from __future__ import annotations
 
-from clm.config import DataConfig, ModelConfig, TrainingConfig, UsageError, run_cli
+from clm.config import DataConfig, ModelConfig, TrainingConfig, run_cli
 from clm.evaluate import BenchmarkEvalConfig
 
 
@@ -23,55 +23,40 @@ def main(data_cfg: DataConfig, model_cfg: ModelConfig, train_cfg: TrainingConfig
          bench_cfg: BenchmarkEvalConfig | None = None, batches=None) -> dict:
     """Train and write the output folder; `batches` (benchmarks) replaces the training stream
     with any endless iterable of batches that has state_dict/load_state_dict."""
-    from clm.parallel.launch import Topology, resolve_mixed_precision
+    from clm import session
 
     # --- check everything the user gave us before any work
-    train_cfg.mixed_precision = resolve_mixed_precision(train_cfg.mixed_precision)
-    topology = Topology.from_launcher()  # this process's ranks, made once and passed along
+    topology = session.launch(train_cfg)
     if train_cfg.dry_run:  # the plan only: no data, tokenizer, weights or output folder touched
         from clm import plan
 
         return plan.print_plan(data_cfg, model_cfg, train_cfg, topology)
 
-    from accelerate.utils import set_seed
-
-    from clm import checkpoint as ckpt, data, model as models, outputs, runtime, session
+    from clm import data, runtime
     from clm.evaluate import make_benchmark_eval
 
-    resume = session.check_output(train_cfg)
-    session.fit_to_world(resume, train_cfg, topology, reshardable=batches is None)
-    tokenizer_name = data_cfg.tokenizer_name or model_cfg.model_name_or_path
-    if not tokenizer_name:
-        raise UsageError("no tokenizer (pass --tokenizer_name, e.g. gpt2 or a local folder)")
-    tokenizer = data.load_tokenizer(tokenizer_name)
+    resume = session.check_output(train_cfg, topology, reshardable=batches is None)
+    tokenizer = session.load_tokenizer(data_cfg, model_cfg)
     bench_cfg = bench_cfg or BenchmarkEvalConfig()
     benchmarks = make_benchmark_eval(bench_cfg, tokenizer, train_cfg.per_device_eval_batch_size)
     backend = runtime.start(train_cfg, topology)
-    set_seed(train_cfg.seed)
-    model = models.build_model(model_cfg, tokenizer, data_cfg.block_size)
-    if train_cfg.gradient_checkpointing:
-        models.enable_gradient_checkpointing(model)
+    configs = {"data": data_cfg, "model": model_cfg, "training": train_cfg,
+               "evaluation": bench_cfg}
+    model, fingerprint = session.build_model(backend, configs, tokenizer, data_cfg.block_size,
+                                             resume, data_cfg.dataloader_num_workers)
     rank, world = topology.dp_rank, topology.dp_world_size
-    global_batch = train_cfg.per_device_train_batch_size * train_cfg.gradient_accumulation_steps
-    fingerprint = ckpt.fingerprint(model, tokenizer, data_cfg.block_size, global_batch * world,
-                                   world, data_cfg.dataloader_num_workers,
-                                   ckpt.data_identity(data_cfg, ckpt.PRETRAIN_DATA))
-    session.check_resume(resume, fingerprint)
     source = data.open_source(data_cfg, "train")
     if batches is None:
         batches = data.train_loader(data_cfg, tokenizer, train_cfg.per_device_train_batch_size,
                                     train_cfg.seed, rank, world, source)
         warning = data.few_shards_warning(source.num_shards, world,
                                           data_cfg.dataloader_num_workers)
-        if warning and rank == 0:
+        if warning and topology.is_main:
             print(warning)
     heldout = data.validation_blocks(data_cfg, tokenizer, source, rank, world)
 
     # --- the run itself: the same for pretraining and finetuning
-    run = outputs.resolved_config({"data": data_cfg, "model": model_cfg, "training": train_cfg,
-                                   "evaluation": bench_cfg}, model, world, train_cfg,
-                                  data_cfg.block_size)
-    return session.run_training(backend, train_cfg, model, tokenizer, batches, heldout, run,
+    return session.run_training(backend, configs, model, tokenizer, batches, heldout,
                                 fingerprint, resume, data_cfg.block_size,
                                 extra_evals=[benchmarks] if benchmarks else [])
 

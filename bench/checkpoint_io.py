@@ -25,7 +25,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from clm import checkpoint as ckpt  # noqa: E402
 from clm.config import DataConfig, TrainingConfig  # noqa: E402
 from clm.data import load_tokenizer, open_source, train_loader  # noqa: E402
-from clm.loop import LoopState, make_optimizer  # noqa: E402
+from clm.loop import LoopState  # noqa: E402
+from clm.optim import make_optimizer  # noqa: E402
 
 
 def gpt2_model():

@@ -174,39 +174,57 @@ def set_aside_newer(output_dir: str | Path, step: int, log=print) -> Path | None
 # ----------------------------------------------------------------------------- save / load
 
 def fingerprint(model, tokenizer, block_size: int, global_batch: int, world_size: int,
-                num_workers: int, data: dict | None = None) -> dict:
-    """What a resume must match: model shape, tokenizer, block size, batch, world, workers, and
-    the data's identity (`data`: option name -> value, see `data_identity`)."""
+                num_workers: int, configs: dict | None = None) -> dict:
+    """What a resume must match: the model's shape, the tokenizer's vocabulary, the block size,
+    the global batch, and every option of the run's `configs` (section name -> config
+    dataclass) except those in MAY_CHANGE (`config_identity`); the processes and DataLoader
+    workers are recorded too, but may change (LAYOUT)."""
     c = model.config
     vocab = json.dumps(tokenizer.get_vocab(), sort_keys=True).encode()
     return {"model_type": c.model_type, "n_layer": c.n_layer, "n_head": c.n_head,
             "n_embd": c.n_embd, "n_positions": c.n_positions, "vocab_size": c.vocab_size,
             "tokenizer": hashlib.sha256(vocab).hexdigest()[:16], "block_size": block_size,
             "global_batch": global_batch, "world_size": world_size, "num_workers": num_workers,
-            **{f"data.{k}": v for k, v in (data or {}).items()}}
+            **config_identity(configs or {})}
 
 
-# The options of train_clm.py's DataConfig and run_sft.py's SFTDataConfig that data_identity keeps.
-PRETRAIN_DATA = ("dataset_name", "dataset_config_name", "dataset_revision", "train_files",
-                 "validation_files", "text_column", "streaming", "validation_split_tokens",
-                 "validation_split_percentage", "shuffle", "shuffle_window",
-                 "shuffle_buffer_blocks", "shuffle_readers")
-SFT_DATA = ("dataset_name", "dataset_config_name", "train_files", "validation_files",
-            "validation_split_percentage", "completion_only_loss", "packing")
+# The options that may differ between a run and its resume; every other option of every config
+# dataclass is in the fingerprint, so an option added to a dataclass is covered by default.
+MAY_CHANGE = frozenset({
+    # where and how the run is stored, shown, tracked and published
+    "output_dir", "overwrite_output_dir", "resume_from_checkpoint", "logging_steps",
+    "eval_steps", "save_steps", "save_total_limit", "report_to", "run_name", "num_samples",
+    "sample_max_new_tokens", "sample_prompt", "push_to_hub", "hub_model_id",
+    "hub_private_repo", "hub_strategy", "license", "dry_run", "dry_run_gpu",
+    "dry_run_gpu_memory_gb", "dry_run_mfu", "dry_run_num_gpus", "merge_adapters",
+    # how the same steps are computed: the batch split (the global batch is checked itself),
+    # evaluation batches, recomputation, compilation, attention kernel, timeouts, bad-step limit
+    "per_device_train_batch_size", "gradient_accumulation_steps", "per_device_eval_batch_size",
+    "gradient_checkpointing", "torch_compile", "attn_implementation", "ddp_timeout",
+    "max_bad_steps", "dataloader_num_workers",
+    # the schedule, so that a run can be extended (--max_steps) or its rates changed; the
+    # optimizer itself (--optim, its betas, epsilon, weight decay, clipping) must match
+    "max_steps", "learning_rate", "min_lr", "warmup_steps",
+    # a tokenizer is compared by its vocabulary ("tokenizer"), not by where it was read from
+    "tokenizer_name",
+})
+# Whole sections that never change a run's trajectory (downstream evaluations).
+MAY_CHANGE_SECTIONS = frozenset({"evaluation"})
 
 
-def data_identity(cfg, fields: tuple[str, ...]) -> dict:
-    """The options of `cfg` that decide which documents are trained on, held out, and in what
-    order; a resume that changes one would silently train on something else (a different
-    held-out share can move trained-on documents into the held-out set). Local paths are
-    compared resolved, so a resume from another working directory is not refused."""
+def config_identity(configs: dict) -> dict:
+    """{"<section>.<option>": value} of every field of each config dataclass in `configs`
+    that is not in MAY_CHANGE. Local paths are compared resolved, so a resume from another
+    working directory is not refused."""
     def norm(value):
         if isinstance(value, (list, tuple)):
             return [norm(v) for v in value]
         if isinstance(value, str) and os.path.exists(value):
             return str(Path(value).resolve())
         return value
-    return {name: norm(getattr(cfg, name)) for name in fields}
+    return {f"{section}.{f.name}": norm(getattr(cfg, f.name))
+            for section, cfg in configs.items() if section not in MAY_CHANGE_SECTIONS
+            for f in dataclasses.fields(cfg) if f.name not in MAY_CHANGE}
 
 
 # What a resume may change: the number of processes and DataLoader workers (the data is dealt
@@ -221,8 +239,9 @@ def check_fingerprint(saved: dict, current: dict, path: Path) -> None:
     for key, value in saved.items():
         if key not in LAYOUT and current.get(key) != value:
             fix = FIX.get(key, "use the same model configuration")
-            if key.startswith("data."):
-                fix = f"use the same --{key[5:]}, or start a new run in another --output_dir"
+            if "." in key:  # an option of one of the run's configs
+                fix = (f"use the same --{key.partition('.')[2]}, or start a new run in "
+                       "another --output_dir")
             raise CheckpointError(f"cannot resume from {path}: it has {key}={value} but this run "
                                   f"has {key}={current.get(key)} ({fix})")
 

@@ -22,6 +22,10 @@ import yaml
 from .errors import TrainingError, UsageError  # re-exported: scripts and tests import them here
 
 
+# --optim's values; clm/optim.py implements each (a test holds the two together)
+OPTIM_CHOICES = ("adamw_torch",)
+
+
 def _help(text: str, **kw):
     return field(metadata={"help": text}, **kw)
 
@@ -151,6 +155,8 @@ class TrainingConfig:
     learning_rate: float = _help("Peak learning rate (after warmup).", default=6e-4)
     min_lr: float = _help("Learning rate at the end of the cosine decay.", default=6e-5)
     warmup_steps: int = _help("Optimizer steps of linear warmup from 0.", default=100)
+    optim: str = _help("Optimizer (clm/optim.py; TrainingArguments' name): adamw_torch, torch's "
+                       "AdamW, fused where the device has the kernel.", default="adamw_torch")
     weight_decay: float = _help("AdamW weight decay, on matrices only.", default=0.1)
     adam_beta1: float = _help("AdamW beta1.", default=0.9)
     adam_beta2: float = _help("AdamW beta2.", default=0.95)
@@ -231,6 +237,13 @@ class TrainingConfig:
         "GPUs (processes) in all the plan is for. Default: the launch's world size (WORLD_SIZE), "
         "else 1.", default=None)
 
+    def global_batch(self, dp_world_size: int) -> int:
+        """Sequences per optimizer step over `dp_world_size` data-parallel ranks: the one
+        place it is computed (the fingerprint, DeepSpeed's train_batch_size, run_config.yaml,
+        the planner)."""
+        return self.per_device_train_batch_size * self.gradient_accumulation_steps * \
+            dp_world_size
+
     def __post_init__(self):
         if self.push_to_hub and not self.hub_model_id:
             raise UsageError("--push_to_hub needs --hub_model_id (pass --hub_model_id user/name)")
@@ -253,6 +266,9 @@ class TrainingConfig:
         if not 0 <= self.min_lr <= self.learning_rate:
             raise UsageError(f"--min_lr {self.min_lr} must be between 0 and --learning_rate "
                              f"{self.learning_rate}")
+        if self.optim not in OPTIM_CHOICES:
+            raise UsageError(f"unknown --optim '{self.optim}' (choose "
+                             f"{', '.join(OPTIM_CHOICES)})")
         if self.mixed_precision not in (None, "no", "bf16", "fp16"):
             raise UsageError(f"unknown --mixed_precision '{self.mixed_precision}' "
                              "(choose no, bf16 or fp16)")

@@ -7,8 +7,9 @@ step draws `gradient_accumulation_steps` micro-batches, counts their label token
 and scales each micro-batch's summed NLL by world_size / (global label tokens): after DDP's or
 ZeRO's average over ranks the gradient is exactly that of the mean loss over every label token
 of the step, however the step is split into micro-batches and ranks. The learning rate is a
-function of the optimizer step (warmup then cosine to min_lr), set on the optimizer directly, so
-no scheduler object steps once per process behind our back. Under DeepSpeed the engine is given
+function of the optimizer step (clm/optim.py: warmup then cosine to min_lr, times each param
+group's scale), set on the optimizer directly, so no scheduler object steps once per process
+behind our back. Under DeepSpeed the engine is given
 the same normalised loss and does the clipping and the step.
 """
 
@@ -22,6 +23,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from . import optim
 from .attention import causal_rows, sdpa_backends
 from .config import TrainingConfig
 from .errors import TrainingError
@@ -39,31 +41,6 @@ class LoopState:
     bad_steps: int = 0     # consecutive skipped (non-finite) steps
     skipped: int = 0       # skipped steps in total
     elapsed_s: float = 0.0
-
-
-def lr_at(step: int, cfg: TrainingConfig) -> float:
-    """Learning rate of optimizer step `step` (0-based): linear warmup, then cosine to min_lr."""
-    if step < cfg.warmup_steps:
-        return cfg.learning_rate * (step + 1) / cfg.warmup_steps
-    decay_steps = max(1, cfg.max_steps - cfg.warmup_steps)
-    progress = min(1.0, (step - cfg.warmup_steps) / decay_steps)
-    return cfg.min_lr + 0.5 * (1 + math.cos(math.pi * progress)) * (cfg.learning_rate - cfg.min_lr)
-
-
-def make_optimizer(model, cfg: TrainingConfig, fused: bool = False) -> torch.optim.AdamW:
-    """AdamW with weight decay on matrices only (not biases, LayerNorms).
-
-    `fused` is decided by the caller from the device the parameters will live on
-    (the backend's `fused_optimizer`): the optimizer is built before `prepare` moves them.
-    """
-    params = [p for p in model.parameters() if p.requires_grad]
-    decay = [p for p in params if p.dim() >= 2]
-    no_decay = [p for p in params if p.dim() < 2]
-    return torch.optim.AdamW(
-        [{"params": decay, "weight_decay": cfg.weight_decay},
-         {"params": no_decay, "weight_decay": 0.0}],
-        lr=cfg.learning_rate, betas=(cfg.adam_beta1, cfg.adam_beta2), eps=cfg.adam_epsilon,
-        fused=fused)
 
 
 def prepare_batch(batch: dict, device) -> tuple[dict, int, int]:
@@ -238,9 +215,8 @@ def train(cfg: TrainingConfig, backend: Backend, model, optimizer, batches, stat
         window = _Window()
         run_start = time.perf_counter() - state.elapsed_s
         while state.step < cfg.max_steps:
-            lr = lr_at(state.step, cfg)
-            for group in optimizer.param_groups:
-                group["lr"] = lr
+            lr = optim.lr_at(state.step, cfg)
+            optim.set_lr(optimizer, lr)  # each group: the schedule's rate x its lr_scale
             wait = time.perf_counter()
             micro = [next(data) for _ in range(cfg.gradient_accumulation_steps)]
             window.data_s += time.perf_counter() - wait

@@ -30,6 +30,29 @@ def padded_vocab(n: int) -> int:
     return -(-n // VOCAB_MULTIPLE) * VOCAB_MULTIPLE
 
 
+def preset_config(name: str, vocab_size: int, bos_token_id: int | None = None,
+                  eos_token_id: int | None = None):
+    """The GPT2Config of `--model_preset name` (what the run trains and --dry_run plans)."""
+    from transformers import GPT2Config
+
+    n_layer, n_head, n_embd, n_positions = PRESET_SHAPES[name]
+    # no dropout: single-epoch pretraining does not overfit, and without it a step's maths is
+    # independent of how it is split
+    return GPT2Config(n_layer=n_layer, n_head=n_head, n_embd=n_embd, n_positions=n_positions,
+                      vocab_size=vocab_size, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0,
+                      activation_function=FAST_GELU, bos_token_id=bos_token_id,
+                      eos_token_id=eos_token_id)
+
+
+def check_block_size(config, block_size: int) -> None:
+    """--block_size within the positions of the model `config` describes (any causal LM's)."""
+    positions = getattr(config, "n_positions", None) or \
+        getattr(config, "max_position_embeddings", None)
+    if positions and block_size > positions:
+        raise UsageError(f"--block_size {block_size} is above the model's {positions} positions "
+                         f"(use --block_size {positions} or less)")
+
+
 def build_model(cfg: ModelConfig, tokenizer, block_size: int):
     """The model to train, checked against the tokenizer and block size before any work.
 
@@ -39,7 +62,7 @@ def build_model(cfg: ModelConfig, tokenizer, block_size: int):
     train in pure bf16, where an update below half a bf16 step of its weight (~0.4% of it;
     an Adam step of 2e-5 on a 0.02 weight is 0.1%) rounds away to nothing.
     """
-    from transformers import AutoConfig, AutoModelForCausalLM, GPT2Config, GPT2LMHeadModel
+    from transformers import AutoConfig, AutoModelForCausalLM, GPT2LMHeadModel
 
     if cfg.attn_implementation == "flash_attention_2" and not torch.cuda.is_available():
         raise UsageError("--attn_implementation flash_attention_2 needs a CUDA GPU and this "
@@ -65,15 +88,9 @@ def build_model(cfg: ModelConfig, tokenizer, block_size: int):
             config.bos_token_id = tokenizer.bos_token_id or tokenizer.eos_token_id
             config.eos_token_id = tokenizer.eos_token_id
         else:
-            n_layer, n_head, n_embd, n_positions = PRESET_SHAPES[cfg.model_preset]
-            config = GPT2Config(n_layer=n_layer, n_head=n_head, n_embd=n_embd,
-                                n_positions=n_positions, vocab_size=padded_vocab(len(tokenizer)),
-                                # no dropout: single-epoch pretraining does not overfit, and
-                                # without it a step's maths is independent of how it is split
-                                resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0,
-                                activation_function=FAST_GELU,
-                                bos_token_id=tokenizer.bos_token_id or tokenizer.eos_token_id,
-                                eos_token_id=tokenizer.eos_token_id)
+            config = preset_config(cfg.model_preset, padded_vocab(len(tokenizer)),
+                                   tokenizer.bos_token_id or tokenizer.eos_token_id,
+                                   tokenizer.eos_token_id)
         config.use_cache = False
         config.dtype = torch.float32  # what GPT2LMHeadModel(config) builds, whatever it said
         model = GPT2LMHeadModel(config) if config.model_type == "gpt2" else \
@@ -123,10 +140,7 @@ def use_fast_gelu(model) -> None:
 
 
 def check_fits(model, tokenizer, block_size: int) -> None:
-    positions = getattr(model.config, "n_positions", None) or model.config.max_position_embeddings
-    if block_size > positions:
-        raise UsageError(f"--block_size {block_size} is above the model's {positions} positions "
-                         f"(use --block_size {positions} or less)")
+    check_block_size(model.config, block_size)
     vocab = model.get_input_embeddings().weight.shape[0]
     if len(tokenizer) > vocab:
         raise UsageError(f"the tokenizer has {len(tokenizer)} tokens but the model only {vocab} "

@@ -77,7 +77,7 @@ def library_versions() -> dict:
 def resolved_config(configs: dict, model, world_size: int, train_cfg, block_size: int) -> dict:
     """Every option, plus what the run derives from them."""
     c = model.config
-    seqs = train_cfg.per_device_train_batch_size * train_cfg.gradient_accumulation_steps * world_size
+    seqs = train_cfg.global_batch(world_size)
     return {
         **{name: dataclasses.asdict(cfg) for name, cfg in configs.items()},
         "world_size": world_size,

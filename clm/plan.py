@@ -33,6 +33,7 @@ from . import model as models
 from .config import DataConfig, ModelConfig, TrainingConfig
 from .errors import UsageError, first_line
 from .metrics import PEAK_FLOPS
+from .optim import OPTIMIZERS
 from .parallel.launch import Topology
 
 GIB = 2**30
@@ -108,8 +109,6 @@ def _local_config(name: str, option: str):
 
 def model_config(data_cfg: DataConfig, model_cfg: ModelConfig):
     """The config build_model would train, and how its vocabulary was found."""
-    from transformers import GPT2Config
-
     if model_cfg.model_name_or_path:
         config = _local_config(model_cfg.model_name_or_path, "--model_name_or_path")
         return config, f"{config.vocab_size} in the model's config"
@@ -120,10 +119,7 @@ def model_config(data_cfg: DataConfig, model_cfg: ModelConfig):
         config = _local_config(model_cfg.config_name, "--config_name")
         config.vocab_size = padded
         return config, note
-    n_layer, n_head, n_embd, n_positions = models.PRESET_SHAPES[model_cfg.model_preset]
-    return GPT2Config(n_layer=n_layer, n_head=n_head, n_embd=n_embd, n_positions=n_positions,
-                      vocab_size=padded, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0,
-                      activation_function=models.FAST_GELU), note
+    return models.preset_config(model_cfg.model_preset, padded), note
 
 
 def meta_model(config):
@@ -139,11 +135,7 @@ def meta_model(config):
 def model_shape(data_cfg: DataConfig, model_cfg: ModelConfig) -> Shape:
     config, note = model_config(data_cfg, model_cfg)
     model = meta_model(config)
-    c = model.config
-    positions = getattr(c, "n_positions", None) or c.max_position_embeddings
-    if data_cfg.block_size > positions:
-        raise UsageError(f"--block_size {data_cfg.block_size} is above the model's {positions} "
-                         f"positions (use --block_size {positions} or less)")
+    models.check_block_size(model.config, data_cfg.block_size)
     name = model_cfg.model_name_or_path or model_cfg.config_name or model_cfg.model_preset
     dtype = getattr(config, "dtype", None) if model_cfg.model_name_or_path else None
     return shape_of(model, name, data_cfg.block_size, note,
@@ -203,6 +195,7 @@ class Setup:
     # model's dtype, DeepSpeed's default) and its ZeRO-3 knobs as (key, value) pairs
     grad_accum_dtype: str | None = None
     zero3: tuple = ()
+    optim: str = "adamw_torch"    # --optim: its state bytes per parameter (clm/optim.py)
 
     @property
     def half(self) -> bool:
@@ -292,6 +285,7 @@ def setup_of(train_cfg: TrainingConfig, block_size: int, num_gpus: int,
                   micro_batch=train_cfg.per_device_train_batch_size,
                   accumulation=train_cfg.gradient_accumulation_steps,
                   checkpointing=train_cfg.gradient_checkpointing, num_gpus=num_gpus,
+                  optim=train_cfg.optim,
                   block_size=block_size, eager_attention=eager_attention)
     choice = parallel.choose(train_cfg, num_gpus)
     if choice.name == "deepspeed":
@@ -315,6 +309,7 @@ def memory_terms(shape: Shape, s: Setup) -> list[tuple[str, str, float, str | No
     """
     p, n, z = shape.params, s.num_gpus, s.shard
     c = 2 if s.half else 4  # bytes of a value in the compute dtype
+    opt = OPTIMIZERS[s.optim]  # its state: opt.state_bytes a parameter
     dt = s.precision if s.half else "fp32"
     terms = []
 
@@ -327,14 +322,14 @@ def memory_terms(shape: Shape, s: Setup) -> list[tuple[str, str, float, str | No
     loaded = shape.checkpoint_dtype not in (None, "float32")
     masters = f" (the checkpoint's {shape.checkpoint_dtype} loaded as fp32)" if loaded else ""
     if s.backend == "ddp":
-        add("weights", f"fp32 weights, the masters AdamW updates{masters}", 4 * p)
+        add("weights", f"fp32 weights, the masters the optimizer updates{masters}", 4 * p)
         if s.half:
             # cached by autocast through the forward pass and kept by autograd for the backward
             add("weights", f"{dt} autocast copies of the weights", 2 * p)
         add("gradients", "fp32 gradients", 4 * p)
         if n > 1:  # Accelerate's default gradient_as_bucket_view=False: a second copy
             add("gradients", "DDP's gradient buckets", 4 * p)
-        add("optimizer", "AdamW's two fp32 moments", 8 * p)
+        add("optimizer", opt.state, opt.state_bytes * p)
     elif s.backend == "fsdp":
         add("weights", f"fp32 weights{masters}", 4 * p / n, stage=3)
         # the root group (embeddings, final norm, a tied head) stays gathered from its forward
@@ -353,11 +348,11 @@ def memory_terms(shape: Shape, s: Setup) -> list[tuple[str, str, float, str | No
             # model's, not 1/N
             add("gradients", "FSDP's unsharded fp32 gradients, accumulated over the "
                 "micro-batches", 4 * p)
-        add("optimizer", "AdamW's two fp32 moments", 8 * p / n, stage=3)
+        add("optimizer", opt.state, opt.state_bytes * p / n, stage=3)
     elif s.half:
         add("weights", f"{dt} weights (the engine's model)", 2 * p / part(3), "params", 3)
         add("optimizer", f"fp32 master weights{masters}", 4 * p / part(1), "optimizer", 1)
-        add("optimizer", "AdamW's two fp32 moments", 8 * p / part(1), "optimizer", 1)
+        add("optimizer", opt.state, opt.state_bytes * p / part(1), "optimizer", 1)
         if (s.grad_accum_dtype or s.precision) == "fp32":
             # data_types.grad_accum_dtype fp32 (with communication_data_type fp32, so the
             # reduction sums in fp32 too). ZeRO-1 then runs DeepSpeed's BF16_Optimizer (bf16),
@@ -381,7 +376,7 @@ def memory_terms(shape: Shape, s: Setup) -> list[tuple[str, str, float, str | No
     else:
         add("weights", f"fp32 weights{masters}", 4 * p / part(3), "params", 3)
         add("gradients", "fp32 gradients", 4 * p / part(2), None, 2)
-        add("optimizer", "AdamW's two fp32 moments", 8 * p / part(1), "optimizer", 1)
+        add("optimizer", opt.state, opt.state_bytes * p / part(1), "optimizer", 1)
     if s.backend == "deepspeed" and z == 3:
         live, why = zero3_gathered(shape, s)
         add("weights", f"ZeRO-3 gathered {dt} parameters: {_m(live)} of {_m(p)} ({why})",

@@ -1,35 +1,86 @@
-"""One training run, from a built model and data to the output folder: set-up or resume,
-trackers, checkpoints, the Hub, the loop, and the final model, samples and card.
+"""One training run, from the first check to the output folder: the pre-flight both entry
+points share (launcher, output folder, resume, tokenizer, model, fingerprint), then set-up or
+resume, trackers, checkpoints, the Hub, the loop, and the final model, samples and card.
 
     python train_clm.py --config configs/demo_cpu.yaml
 
-Shared by train_clm.py (packed blocks) and finetune/run_sft.py (padded examples): they differ only
-in how they build the model and the batches, never in how a run goes.
+Shared by train_clm.py (packed blocks) and finetune/run_sft.py (padded examples), which call the
+same steps in the same order:
+
+    topology = session.launch(train_cfg)                       # precision and ranks
+    resume = session.check_output(train_cfg, topology, ...)    # output folder, resume, world
+    tokenizer = session.load_tokenizer(data_cfg, model_cfg)
+    backend = runtime.start(train_cfg, topology)
+    model, fingerprint = session.build_model(backend, configs, tokenizer, block_size, resume)
+    session.run_training(backend, configs, model, tokenizer, batches, heldout, ...)
+
+They differ only in how they build the batches (and SFT's LoRA adapters), never in how a run
+goes.
 """
 
 from __future__ import annotations
 
 from pathlib import Path
 
-from . import attention, checkpoint as ckpt, hub, loop, model as models, outputs, runtime
+from . import attention, checkpoint as ckpt, data, hub, loop, model as models, optim, outputs
+from . import runtime
 from .config import TrainingConfig
-from .errors import TrainingError
+from .errors import TrainingError, UsageError
 from .parallel import Backend, Topology
-from .parallel.launch import close_distributed
+from .parallel.launch import close_distributed, resolve_mixed_precision
 from .metrics import MetricsLogger, flat_config, peak_flops, read_metrics, wandb_run_id
 
 
-def check_output(train_cfg: TrainingConfig) -> Path | None:
+def launch(train_cfg: TrainingConfig) -> Topology:
+    """The first step of every run: the precision it uses (resolved in place against the
+    launcher's, so that everything after sees it) and this process's Topology, read once."""
+    train_cfg.mixed_precision = resolve_mixed_precision(train_cfg.mixed_precision)
+    return Topology.from_launcher()
+
+
+def check_output(train_cfg: TrainingConfig, topology: Topology,
+                 reshardable: bool = True) -> Path | None:
     """Refuse a bad --output_dir / --resume_from_checkpoint before any work; returns the
-    checkpoint to resume from (None for a new run). A checkpoint of another output folder
-    continues into --output_dir, which is then guarded like a new run's."""
+    checkpoint to resume from (None for a new run), its global batch fitted to this run's
+    processes (`fit_to_world`). A checkpoint of another output folder continues into
+    --output_dir, which is then guarded like a new run's."""
     if train_cfg.resume_from_checkpoint:
         path = ckpt.resolve_resume(Path(train_cfg.output_dir), train_cfg.resume_from_checkpoint)
         if ckpt.home_of(path) != Path(train_cfg.output_dir).resolve():
             outputs.check_output_dir(train_cfg.output_dir, train_cfg.overwrite_output_dir)
+        fit_to_world(path, train_cfg, topology, reshardable)
         return path
     outputs.check_output_dir(train_cfg.output_dir, train_cfg.overwrite_output_dir)
     return None
+
+
+def load_tokenizer(data_cfg, model_cfg):
+    """--tokenizer_name, else the tokenizer beside --model_name_or_path."""
+    name = data_cfg.tokenizer_name or model_cfg.model_name_or_path
+    if not name:
+        raise UsageError("no tokenizer (pass --tokenizer_name, e.g. gpt2 or a local folder)")
+    return data.load_tokenizer(name)
+
+
+def build_model(backend: Backend, configs: dict, tokenizer, block_size: int,
+                resume: Path | None, num_workers: int = 0, adapt=None):
+    """(model, fingerprint): the model `configs["model"]` describes (seeded, checked against
+    the tokenizer and block size, with activation checkpointing if asked, then `adapt(model)`:
+    SFT's LoRA adapters), and what a resume must match, checked against `resume` now."""
+    from accelerate.utils import set_seed
+
+    train_cfg = configs["training"]
+    set_seed(train_cfg.seed)
+    model = models.build_model(configs["model"], tokenizer, block_size)
+    if train_cfg.gradient_checkpointing:
+        models.enable_gradient_checkpointing(model)
+    if adapt is not None:
+        model = adapt(model)
+    world = backend.topology.dp_world_size
+    fingerprint = ckpt.fingerprint(model, tokenizer, block_size, train_cfg.global_batch(world),
+                                   world, num_workers, configs)
+    check_resume(resume, fingerprint)
+    return model, fingerprint
 
 
 def fit_to_world(resume: Path | None, train_cfg: TrainingConfig, topology: Topology,
@@ -74,14 +125,19 @@ def check_resume(resume: Path | None, fingerprint: dict) -> None:
                                resume)
 
 
-def run_training(backend: Backend, train_cfg: TrainingConfig, model, tokenizer, batches, heldout,
-                 run: dict, fingerprint: dict, resume: Path | None, seq_len: int,
-                 finalize=None, extra_evals=()) -> dict:
+def run_training(backend: Backend, configs: dict, model, tokenizer, batches, heldout,
+                 fingerprint: dict, resume: Path | None, seq_len: int, finalize=None,
+                 extra_evals=(), **record) -> dict:
     """Train `model` on `batches` (an endless loader with state_dict/load_state_dict) and write
-    the output folder; `heldout` is what loop.evaluate takes; `run` the resolved config;
+    the output folder; `heldout` is what loop.evaluate takes; `configs` the run's config
+    dataclasses by section (recorded with what `record` adds, e.g. SFT's example counts);
     `finalize(model, output_dir)`, on the main process, turns the trained model into the one
     the final folder holds (finetuning merges LoRA adapters there); `extra_evals`, functions
     `(model, backend) -> {"eval_<metric>": ..}`, run beside the held-out loss."""
+    train_cfg = configs["training"]
+    run = outputs.resolved_config(configs, model, backend.topology.dp_world_size, train_cfg,
+                                  seq_len)
+    run.update(record)
     session = Session(backend, train_cfg, tokenizer, batches, heldout, run, fingerprint,
                       finalize, extra_evals)
     session.prepare(model, seq_len)
@@ -127,7 +183,7 @@ class Session:
         """Optimizer, attention kernels, compile, then the backend's wrapping or sharding."""
         cfg = self.cfg
         self.fpt = models.flops_per_token(model, seq_len)
-        make_optimizer = lambda m: loop.make_optimizer(  # noqa: E731
+        make_optimizer = lambda m: optim.make_optimizer(  # noqa: E731
             m, cfg, fused=self.backend.fused_optimizer())
         attention.choose_attention(self.accelerator.device, cfg.mixed_precision,
                                  model.config._attn_implementation,

@@ -28,6 +28,7 @@ import torch
 from .config import _help
 from .errors import UsageError, first_line
 from .data import BUILDERS, is_heldout, resolve_files
+from .model import check_block_size
 
 # For tokenizers without a chat template (GPT-2's): role headers, each message ended by EOS.
 DEFAULT_CHAT_TEMPLATE = (
@@ -165,9 +166,8 @@ def resolve_block_size(cfg: SFTDataConfig, model_name_or_path: str) -> int:
         getattr(config, "max_position_embeddings", None)
     if cfg.block_size is None:
         cfg.block_size = min(int(context or 1024), 1024)
-    elif context and cfg.block_size > context:
-        raise UsageError(f"--block_size {cfg.block_size} is above the model's {context} "
-                         f"positions (use --block_size {context} or less)")
+    else:
+        check_block_size(config, cfg.block_size)
     return cfg.block_size
 
 

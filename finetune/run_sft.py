@@ -27,21 +27,17 @@ from clm.task_eval import GenerationEvalConfig  # noqa: E402
 
 def main(data_cfg: SFTDataConfig, model_cfg: ModelConfig, train_cfg: TrainingConfig,
          lora: LoraArgs, eval_cfg: GenerationEvalConfig | None = None) -> dict:
-    from accelerate.utils import set_seed
-
-    from clm import checkpoint as ckpt, data, model as models, outputs, runtime, session, sft
-    from clm import task_eval
-    from clm.parallel.launch import Topology
+    from clm import runtime, session, sft, task_eval
 
     # --- check everything the user gave us before any work
-    topology = Topology.from_launcher()
-    resume = session.check_output(train_cfg)
-    session.fit_to_world(resume, train_cfg, topology, reshardable=hasattr(sft.ExampleLoader, "restore"))
+    topology = session.launch(train_cfg)
+    resume = session.check_output(train_cfg, topology,
+                                  reshardable=hasattr(sft.ExampleLoader, "restore"))
     if not model_cfg.model_name_or_path:
         raise UsageError("finetuning needs --model_name_or_path (a Hub name such as gpt2, or a "
                          "folder written by train_clm.py)")
     sft.resolve_block_size(data_cfg, model_cfg.model_name_or_path)
-    tokenizer = data.load_tokenizer(data_cfg.tokenizer_name or model_cfg.model_name_or_path)
+    tokenizer = session.load_tokenizer(data_cfg, model_cfg)
     sft.ensure_chat_template(tokenizer)
     train_records, heldout_records = sft.split_records(data_cfg)
     examples, dropped = sft.tokenize(train_records, tokenizer, data_cfg.block_size,
@@ -49,45 +45,36 @@ def main(data_cfg: SFTDataConfig, model_cfg: ModelConfig, train_cfg: TrainingCon
     heldout, _ = sft.tokenize(heldout_records, tokenizer, data_cfg.block_size,
                               data_cfg.completion_only_loss)
     eval_cfg = eval_cfg or GenerationEvalConfig()
-    task_metrics = task_eval.make_eval(eval_cfg, tokenizer,
-                                       heldout_records, data_cfg.block_size,
+    task_metrics = task_eval.make_eval(eval_cfg, tokenizer, heldout_records, data_cfg.block_size,
                                        train_cfg.per_device_eval_batch_size)
+    sft.check_lora_targets(model_cfg.model_name_or_path, lora)
     backend = runtime.start(train_cfg, topology)
-    rank, world = topology.dp_rank, topology.dp_world_size
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    batch = train_cfg.per_device_train_batch_size
-    batches = sft.ExampleLoader(examples, batch, pad, train_cfg.seed, rank, world,
-                                packing_block_size=data_cfg.block_size if data_cfg.packing else None)
     if lora.use_peft and backend.shards_parameters:
         raise UsageError("--use_peft with ZeRO-3 or FSDP is not supported (use "
                          "ds_configs/zero2.json or DDP: the adapters are small)")
-    sft.check_lora_targets(model_cfg.model_name_or_path, lora)
-    set_seed(train_cfg.seed)
-    model = models.build_model(model_cfg, tokenizer, data_cfg.block_size)
-    if train_cfg.gradient_checkpointing:
-        models.enable_gradient_checkpointing(model)
-    if lora.use_peft:
-        model = sft.add_lora(model, lora)
-    fingerprint = ckpt.fingerprint(model, tokenizer, data_cfg.block_size,
-                                   batch * train_cfg.gradient_accumulation_steps * world, world, 0,
-                                   ckpt.data_identity(data_cfg, ckpt.SFT_DATA))
-    session.check_resume(resume, fingerprint)
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    batches = sft.ExampleLoader(examples, train_cfg.per_device_train_batch_size, pad,
+                                train_cfg.seed, topology.dp_rank, topology.dp_world_size,
+                                packing_block_size=data_cfg.block_size if data_cfg.packing else None)
+    configs = {"data": data_cfg, "model": model_cfg, "training": train_cfg, "lora": lora,
+               "evaluation": eval_cfg}
+    model, fingerprint = session.build_model(
+        backend, configs, tokenizer, data_cfg.block_size, resume,
+        adapt=(lambda m: sft.add_lora(m, lora)) if lora.use_peft else None)
     if dropped and topology.is_main:
         print(f"{dropped} training records had no completion token left within --block_size "
               f"{data_cfg.block_size} and were skipped")
 
     # --- the run itself: the same as pretraining
-    run = outputs.resolved_config({"data": data_cfg, "model": model_cfg, "training": train_cfg,
-                                   "lora": lora, "evaluation": eval_cfg}, model, world, train_cfg, data_cfg.block_size)
-    run.update(task="sft", train_examples=len(examples), heldout_examples=len(heldout),
-               skipped_examples=dropped,
-               trainable_params=sum(p.numel() for p in model.parameters() if p.requires_grad))
     return session.run_training(
-        backend, train_cfg, model, tokenizer, batches,
-        sft.eval_batches(heldout, train_cfg.per_device_eval_batch_size, pad), run, fingerprint,
+        backend, configs, model, tokenizer, batches,
+        sft.eval_batches(heldout, train_cfg.per_device_eval_batch_size, pad), fingerprint,
         resume, data_cfg.block_size,
         finalize=sft.merge_lora if lora.use_peft and lora.merge_adapters else None,
-        extra_evals=[task_metrics] if task_metrics else [])
+        extra_evals=[task_metrics] if task_metrics else [],
+        task="sft", train_examples=len(examples), heldout_examples=len(heldout),
+        skipped_examples=dropped,
+        trainable_params=sum(p.numel() for p in model.parameters() if p.requires_grad))
 
 
 if __name__ == "__main__":

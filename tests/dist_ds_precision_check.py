@@ -22,7 +22,7 @@ import torch.distributed as dist
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from clm import loop, runtime  # noqa: E402
+from clm import loop, optim, runtime  # noqa: E402
 from clm.parallel.launch import Topology, close_distributed  # noqa: E402
 from clm.config import TrainingConfig  # noqa: E402
 from dist_reshard_check import batch, dist_info, reset_accelerate, tiny_model  # noqa: E402
@@ -63,7 +63,7 @@ def check(name: str, out: Path) -> dict:
                          max_grad_norm=1.0, mixed_precision="bf16", report_to="none")
     backend = runtime.start(cfg, Topology.from_launcher())
     model = tiny_model(0)
-    make = lambda m: loop.make_optimizer(m, cfg, fused=False)  # noqa: E731
+    make = lambda m: optim.make_optimizer(m, cfg, fused=False)  # noqa: E731
     engine, _ = backend.prepare(model, make(model), make)
     opt = engine.optimizer
     seen: set = set()

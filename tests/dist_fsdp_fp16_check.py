@@ -14,7 +14,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
 
-from clm import loop, runtime  # noqa: E402
+from clm import loop, optim, runtime  # noqa: E402
 from clm.parallel.launch import Topology, close_distributed  # noqa: E402
 from clm.config import TrainingConfig  # noqa: E402
 from dist_reshard_check import batch, dist_info, tiny_model  # noqa: E402
@@ -25,7 +25,7 @@ def main(out: Path):
                          per_device_train_batch_size=2, max_grad_norm=1.0, report_to="none")
     backend = runtime.start(cfg, Topology.from_launcher())
     rank, world = dist_info()
-    make = lambda m: loop.make_optimizer(m, cfg, fused=backend.fused_optimizer())  # noqa: E731
+    make = lambda m: optim.make_optimizer(m, cfg, fused=backend.fused_optimizer())  # noqa: E731
     model, optimizer = backend.prepare(tiny_model(0), make(tiny_model(0)), make)
     sharded = [p for group in optimizer.param_groups for p in group["params"]]
     shard = lambda: torch.cat([p.to_local().detach().flatten() for p in sharded])  # noqa: E731

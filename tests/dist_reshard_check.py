@@ -26,7 +26,7 @@ import torch.distributed as dist
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from clm import loop, runtime  # noqa: E402
+from clm import loop, optim, runtime  # noqa: E402
 from clm.parallel.launch import Topology, close_distributed  # noqa: E402
 from clm.config import TrainingConfig  # noqa: E402
 
@@ -76,7 +76,7 @@ def engine_for(name: str, out: Path, world: int, init_seed: int):
     backend = runtime.start(cfg, Topology.from_launcher())
     accelerator = backend.accelerator
     model = tiny_model(init_seed)
-    make = lambda m: loop.make_optimizer(m, cfg, fused=backend.fused_optimizer())  # noqa: E731
+    make = lambda m: optim.make_optimizer(m, cfg, fused=backend.fused_optimizer())  # noqa: E731
     model, optimizer = backend.prepare(model, make(model), make)
     return cfg, accelerator, backend, model, optimizer
 

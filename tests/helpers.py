@@ -104,7 +104,7 @@ def assert_same_weights(wa, wb, cfg):
     rounding noise. Elsewhere at most 0.1% of a tensor may be in that state."""
     import torch
 
-    from clm.loop import lr_at
+    from clm.optim import lr_at
 
     moved = sum(lr_at(step, cfg) for step in range(cfg.max_steps))
     assert wa.keys() == wb.keys()

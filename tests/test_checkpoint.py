@@ -136,7 +136,12 @@ def test_resume_refusals_are_one_line_errors(tmp_path, args_for, capsys, corpus_
               "data.validation_split_percentage=10.0 but this run has "
               "data.validation_split_percentage=20.0 (use the same --validation_split_percentage"),
              ({"shuffle_buffer_blocks": 64}, "data.shuffle_buffer_blocks=8192 but"),
-             ({"text_column": "id"}, "data.text_column=text but this run has data.text_column=id")]
+             ({"text_column": "id"}, "data.text_column=text but this run has data.text_column=id"),
+             # the optimizer and what orders the data are options like any other
+             ({"weight_decay": 0.0}, "training.weight_decay=0.1 but this run has "
+              "training.weight_decay=0.0 (use the same --weight_decay, or start a new run"),
+             ({"adam_beta2": 0.99}, "training.adam_beta2=0.95 but"),
+             ({"seed": 7}, "training.seed=0 but this run has training.seed=7")]
     for overrides, message in cases:
         kw = dict(max_steps=8, dataloader_num_workers=0)
         kw.update(overrides)
@@ -165,6 +170,43 @@ def test_resume_refusals_are_one_line_errors(tmp_path, args_for, capsys, corpus_
     with pytest.raises(SystemExit):
         run(args_for(tmp_path / "empty", max_steps=8) + ["--resume_from_checkpoint", "latest"])
     assert "no complete checkpoint" in capsys.readouterr().err
+
+
+def test_fingerprint_covers_every_option_but_the_listed_ones():
+    """The fingerprint is derived from the config dataclasses: every field is in it unless
+    MAY_CHANGE names it, so a field added to a config is covered without touching the
+    checkpoint code; MAY_CHANGE names only real options; the optimizer's settings are in."""
+    import dataclasses
+
+    from clm.config import DataConfig, ModelConfig, TrainingConfig
+    from clm.evaluate import BenchmarkEvalConfig
+    from clm.sft import LoraArgs, SFTDataConfig
+
+    configs = {"data": DataConfig(), "model": ModelConfig(),
+               "training": TrainingConfig(output_dir="x"), "lora": LoraArgs(),
+               "evaluation": BenchmarkEvalConfig()}
+    identity = ckpt.config_identity(configs)
+    expected = {f"{section}.{f.name}" for section, cfg in configs.items()
+                if section != "evaluation" for f in dataclasses.fields(cfg)
+                if f.name not in ckpt.MAY_CHANGE}
+    assert set(identity) == expected
+    assert {"training.optim", "training.weight_decay", "training.adam_beta1",
+            "training.adam_beta2", "training.adam_epsilon", "training.max_grad_norm",
+            "training.seed", "training.mixed_precision", "training.deepspeed", "training.fsdp",
+            "data.shuffle_window", "model.model_name_or_path", "lora.lora_r"} <= set(identity)
+    assert not {"training.max_steps", "training.learning_rate", "training.output_dir",
+                "data.dataloader_num_workers", "training.per_device_train_batch_size"} \
+        & set(identity)
+    every = {f.name for cfg in (*configs.values(), SFTDataConfig(train_files=["x"]))
+             for f in dataclasses.fields(cfg)}
+    assert ckpt.MAY_CHANGE <= every, ckpt.MAY_CHANGE - every
+
+    @dataclasses.dataclass
+    class Extended(TrainingConfig):
+        new_option: int = 3
+
+    extended = ckpt.config_identity({"training": Extended(output_dir="x")})
+    assert extended["training.new_option"] == 3
 
 
 def test_full_disk_during_save_keeps_previous_checkpoint(tmp_path, args_for, capsys,

@@ -8,7 +8,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from clm import attention, loop, runtime
+from clm import attention, loop, optim, runtime
 from clm.config import TrainingConfig
 from clm.parallel import Topology
 from clm.parallel.ddp import DDPBackend
@@ -132,7 +132,7 @@ def test_fused_adamw_is_chosen_for_cuda_and_cpu_before_prepare():
     offload = {"zero_optimization": {"stage": 3, "offload_optimizer": {"device": "cpu"}}}
     assert fused("cuda", DistributedType.DEEPSPEED, offload) is False
     # the parameters are still on the CPU when the optimizer is built: the flag is kept
-    opt = loop.make_optimizer(toy_model(), TrainingConfig(output_dir="x"), fused=True)
+    opt = optim.make_optimizer(toy_model(), TrainingConfig(output_dir="x"), fused=True)
     assert opt.defaults["fused"] is True
 
 
@@ -202,7 +202,7 @@ def test_fp16_skipped_step_does_not_break_the_next_and_norm_is_unscaled(tmp_path
     cfg = TrainingConfig(output_dir=str(tmp_path), max_grad_norm=max_grad_norm,
                          mixed_precision="no")
     model = toy_model()
-    optimizer = loop.make_optimizer(model, cfg)
+    optimizer = optim.make_optimizer(model, cfg)
     model, optimizer = accelerator.prepare(model, optimizer)
     backend = DDPBackend(accelerator, Topology())
     ids = torch.randint(1, 50, (2, 16), generator=torch.Generator().manual_seed(1))

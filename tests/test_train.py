@@ -9,7 +9,7 @@ import pytest
 import torch
 import yaml
 
-from clm import loop
+from clm import loop, optim
 from clm.config import ModelConfig, TrainingConfig, parse_config
 from helpers import (ROOT, TYPES, assert_same_weights, metrics, reset_accelerate, run, torchrun,
                      toy_args)
@@ -99,12 +99,12 @@ def test_two_process_ddp_run(tmp_path, corpus_dir, tokenizer_dir, toy_config_dir
 def test_lr_schedule():
     cfg = TrainingConfig(output_dir="x", learning_rate=1.0, min_lr=0.1, warmup_steps=10,
                          max_steps=110)
-    lrs = [loop.lr_at(s, cfg) for s in range(110)]
+    lrs = [optim.lr_at(s, cfg) for s in range(110)]
     assert lrs[0] == pytest.approx(0.1) and lrs[9] == pytest.approx(1.0)
     assert lrs[10] == pytest.approx(1.0)
     assert lrs[60] == pytest.approx(0.55)  # half way down the cosine
     assert all(a >= b for a, b in zip(lrs[10:], lrs[11:]))
-    assert loop.lr_at(110, cfg) == pytest.approx(0.1) and lrs[-1] > 0.1
+    assert optim.lr_at(110, cfg) == pytest.approx(0.1) and lrs[-1] > 0.1
 
 
 def test_nan_guard_skips_then_stops(tmp_path, corpus_dir, tokenizer_dir, toy_config_dir,

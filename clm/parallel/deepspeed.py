@@ -174,7 +174,7 @@ def deepspeed_config(path: str, cfg: TrainingConfig, world_size: int) -> dict:
     options = {
         "train_micro_batch_size_per_gpu": (micro, "--per_device_train_batch_size"),
         "gradient_accumulation_steps": (accum, "--gradient_accumulation_steps"),
-        "train_batch_size": (micro * accum * world_size, "per-device batch x accumulation x "
+        "train_batch_size": (cfg.global_batch(world_size), "per-device batch x accumulation x "
                              "processes"),
         "gradient_clipping": (cfg.max_grad_norm, "--max_grad_norm"),
     }
