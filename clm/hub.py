@@ -23,6 +23,7 @@ import time
 from pathlib import Path
 
 from .errors import first_line
+from .record import RunRecord
 
 FINAL_IGNORE = ["checkpoints/*", "wandb/*", "runs/*", ".*", "*/.*", "*.tmp"]
 CHECKPOINT_IGNORE = ["state/*", "manifest.json", "trainer_state.json", ".*", "*.tmp"]
@@ -127,7 +128,7 @@ class HubPusher:
 # The card's YAML header, in this order (the Hub shows it as written).
 CARD_KEYS = ["library_name", "pipeline_tag", "license", "base_model", "datasets", "tags",
              "model_name", "eval_results"]
-# Keys of run["final_eval"] that are not extra metrics: the loss is final_eval_loss's.
+# Keys of RunRecord.final_eval that are not extra metrics: the loss is final_eval_loss's.
 LOSS_KEYS = ("eval_loss", "eval_ppl", "eval_perplexity")
 # ... nor are counts and timings: eval_hellaswag_n (examples scored), Trainer's eval_runtime.
 NOT_METRICS = ("n", "runtime", "samples_per_second", "steps_per_second")
@@ -172,9 +173,9 @@ def _builder(files: list[str]) -> str:
     return kinds.pop() if len(kinds) == 1 else "text"
 
 
-def heldout_dataset(run: dict) -> dict:
+def heldout_dataset(run: RunRecord) -> dict:
     """EvalResult's dataset fields for the held-out set that the eval loss is measured on."""
-    ds = run["data"]
+    ds = run.data
     val, train = _as_list(ds.get("validation_files")), _as_list(ds.get("train_files"))
     hub = None if train else hub_name(ds.get("dataset_name"))
     if val:
@@ -189,17 +190,17 @@ def heldout_dataset(run: dict) -> dict:
             "dataset_name": f"held-out part of {', '.join(files)}"}
 
 
-def final_loss(run: dict) -> float | None:
-    """The last eval loss: run["final_eval_loss"], else run["final_eval"]["eval_loss"]."""
-    loss = run.get("final_eval_loss")
-    return _number((run.get("final_eval") or {}).get("eval_loss") if loss is None else loss)
+def final_loss(run: RunRecord) -> float | None:
+    """The last eval loss: run.final_eval_loss, else run.final_eval["eval_loss"]."""
+    loss = run.final_eval_loss
+    return _number(run.final_eval.get("eval_loss") if loss is None else loss)
 
 
-def eval_results(run: dict) -> list[tuple[str, object]]:
+def eval_results(run: RunRecord) -> list[tuple[str, object]]:
     """(table label, EvalResult) for every final evaluation result that has a value.
 
-    The eval loss and perplexity come from run["final_eval_loss"]; every other metric from
-    run["final_eval"], a dict {"eval_<name>": value} (the eval records' names in
+    The eval loss and perplexity come from run.final_eval_loss; every other metric from
+    run.final_eval, a dict {"eval_<name>": value} (the eval records' names in
     metrics.jsonl; other keys, counts like eval_hellaswag_n and timings are ignored, None or
     non-finite values skipped): eval_exact_match -> exact_match, eval_hellaswag_<m> -> <m> on
     HellaSwag's validation split, any other eval_<name> -> <name>, all on the task
@@ -208,7 +209,7 @@ def eval_results(run: dict) -> list[tuple[str, object]]:
     from huggingface_hub import EvalResult
 
     heldout = heldout_dataset(run)
-    extra = run.get("final_eval") or {}
+    extra = run.final_eval
     loss = final_loss(run)
 
     def result(metric: str, value, dataset: dict) -> object:
@@ -237,7 +238,7 @@ def eval_results(run: dict) -> list[tuple[str, object]]:
     return out
 
 
-def model_card(run: dict) -> str:
+def model_card(run: RunRecord) -> str:
     """README.md for a trained model folder, from the run's resolved config and results.
 
     The YAML header is huggingface_hub's ModelCardData (eval results as a model-index); the
@@ -245,18 +246,18 @@ def model_card(run: dict) -> str:
     """
     from huggingface_hub import ModelCard, ModelCardData
 
-    ds, m = run["data"], run["model_info"]
+    ds, m = run.data, run.model_info
     files = _as_list(ds.get("train_files"))
     data = ", ".join(files) or ds.get("dataset_name") or "local files"
     hub_dataset = None if files else hub_name(ds.get("dataset_name"))
-    base = run["model"].get("model_name_or_path")
+    base = run.model.get("model_name_or_path")
     hub_base = hub_name(base) if base else None
     results = eval_results(run)
     meta = ModelCardData(
         library_name="transformers", pipeline_tag="text-generation",
-        license=run["training"].get("license") or None, base_model=hub_base,
+        license=run.training.get("license") or None, base_model=hub_base,
         datasets=[hub_dataset] if hub_dataset else None,
-        tags=["gpt2", "causal-lm", run.get("task", "pretraining")], model_name=run["name"],
+        tags=["gpt2", "causal-lm", run.task], model_name=run.name,
         eval_results=[r for _, r in results] or None)
 
     eval_loss = final_loss(run)
@@ -275,22 +276,22 @@ def model_card(run: dict) -> str:
                      if hub_base else f"\n**Base model:** `{base}` (a local folder, not on the "
                      "Hub)\n")
     body = f"""
-# {run['name']}
+# {run.name}
 
-A GPT-2-architecture causal language model ({m['n_layer']} layers, {m['n_head']} heads,
-{m['n_embd']} dims, {m['n_positions']} positions, {m['params'] / 1e6:.1f}M parameters),
+A GPT-2-architecture causal language model ({m.n_layer} layers, {m.n_head} heads,
+{m.n_embd} dims, {m.n_positions} positions, {m.params / 1e6:.1f}M parameters),
 {origin}
 {base_line}
 | | |
 |---|---|
 | data | {data} |
-{val_row}| tokens seen | {run['tokens']:,} |
-| optimizer steps | {run['step']:,} |
-| global batch | {run['global_batch_sequences']} sequences x {ds['block_size']} tokens |
+{val_row}| tokens seen | {run.tokens:,} |
+| optimizer steps | {run.step:,} |
+| global batch | {run.global_batch_sequences} sequences x {ds['block_size']} tokens |
 | final eval loss | {loss} |
 | final eval perplexity | {ppl} |
-{rows}| world size | {run['world_size']} |
-| wall time | {run['elapsed_s']:.0f} s |
+{rows}| world size | {run.world_size} |
+| wall time | {run.elapsed_s:.0f} s |
 
 ![loss curve](loss_curve.png)
 
@@ -298,14 +299,14 @@ A GPT-2-architecture causal language model ({m['n_layer']} layers, {m['n_head']}
 
 ```python
 from transformers import pipeline
-generator = pipeline("text-generation", model="{run['training'].get('hub_model_id') or run['training']['output_dir']}")
+generator = pipeline("text-generation", model="{run.training.get('hub_model_id') or run.training['output_dir']}")
 print(generator("The", max_new_tokens=40, do_sample=True)[0]["generated_text"])
 ```
 
 ## Training command
 
 ```bash
-{run['command']}
+{run.command}
 ```
 
 Full configuration: `run_config.yaml`; per-step metrics: `metrics.jsonl`.

@@ -149,12 +149,6 @@ class MetricsLogger:
         self.bar.close()
 
 
-def flat_config(run: dict) -> dict:
-    """The run's options as flat `group.name` scalars, for the trackers' config panels."""
-    return {f"{group}.{k}": v for group in ("data", "model", "training")
-            for k, v in run[group].items() if isinstance(v, (int, float, str, bool))}
-
-
 def wandb_run_id(accelerator) -> str | None:
     """The wandb run's id (kept in checkpoints so a resumed run continues it), if wandb is on."""
     try:

@@ -18,6 +18,7 @@ from .checkpoint import save_model_folder
 from .errors import UsageError
 from .hub import command_line, model_card
 from .metrics import plot_loss_curve, read_metrics
+from .record import ModelInfo, RunRecord
 
 RUN_FILES = ("metrics.jsonl", "loss_curve.png", "samples.txt", "run_config.yaml", "README.md")
 
@@ -74,21 +75,23 @@ def library_versions() -> dict:
             "datasets": datasets.__version__, "tokenizers": tokenizers.__version__}
 
 
-def resolved_config(configs: dict, model, world_size: int, train_cfg, block_size: int) -> dict:
-    """Every option, plus what the run derives from them."""
+def resolved_config(configs: dict, model, world_size: int, train_cfg, block_size: int,
+                    **fields) -> RunRecord:
+    """The run's record as it starts: every option, what the run derives from them, and
+    `fields` (finetuning's data counts)."""
     c = model.config
     seqs = train_cfg.global_batch(world_size)
-    return {
-        **{name: dataclasses.asdict(cfg) for name, cfg in configs.items()},
-        "world_size": world_size,
-        "global_batch_sequences": seqs,
-        "tokens_per_step": seqs * block_size,
-        "model_info": {"n_layer": c.n_layer, "n_head": c.n_head, "n_embd": c.n_embd,
-                       "n_positions": c.n_positions, "vocab_size": c.vocab_size,
-                       "params": sum(p.numel() for p in model.parameters())},
-        "command": command_line(),
-        "versions": library_versions(),
-    }
+    info = ModelInfo(n_layer=c.n_layer, n_head=c.n_head, n_embd=c.n_embd,
+                     n_positions=c.n_positions, vocab_size=c.vocab_size,
+                     params=sum(p.numel() for p in model.parameters()))
+    return RunRecord(options={name: dataclasses.asdict(cfg) for name, cfg in configs.items()},
+                     world_size=world_size, global_batch_sequences=seqs,
+                     tokens_per_step=seqs * block_size, model_info=info, command=command_line(),
+                     versions=library_versions(), **fields)
+
+
+def write_record(path: Path, record: RunRecord) -> None:
+    write_yaml(path, record.to_dict())
 
 
 def write_yaml(path: Path, data: dict) -> None:
@@ -115,7 +118,7 @@ def sample_texts(model, tokenizer, prompt: str, n: int, max_new_tokens: int, see
     return [tokenizer.decode(o, skip_special_tokens=True) for o in out]
 
 
-def finish_run(output_dir: str, model, tokenizer, run: dict, train_cfg) -> list[str]:
+def finish_run(output_dir: str, model, tokenizer, run: RunRecord, train_cfg) -> list[str]:
     """Write the final model folder, samples.txt and the model card (main process only)."""
     out = Path(output_dir)
     save_model_folder(model, tokenizer, out)
@@ -123,6 +126,6 @@ def finish_run(output_dir: str, model, tokenizer, run: dict, train_cfg) -> list[
                            train_cfg.sample_max_new_tokens, train_cfg.seed)
     (out / "samples.txt").write_text("".join(f"--- sample {i}\n{s}\n" for i, s in
                                              enumerate(samples)))
-    write_yaml(out / "run_config.yaml", run)
+    write_record(out / "run_config.yaml", run)
     (out / "README.md").write_text(model_card(run))
     return samples

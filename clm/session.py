@@ -28,7 +28,8 @@ from .config import TrainingConfig
 from .errors import TrainingError, UsageError
 from .parallel import Backend, Topology
 from .parallel.launch import close_distributed, resolve_mixed_precision
-from .metrics import MetricsLogger, flat_config, peak_flops, read_metrics, wandb_run_id
+from .metrics import MetricsLogger, peak_flops, read_metrics, wandb_run_id
+from .record import RunRecord
 
 
 def launch(train_cfg: TrainingConfig) -> Topology:
@@ -136,8 +137,7 @@ def run_training(backend: Backend, configs: dict, model, tokenizer, batches, hel
     `(model, backend) -> {"eval_<metric>": ..}`, run beside the held-out loss."""
     train_cfg = configs["training"]
     run = outputs.resolved_config(configs, model, backend.topology.dp_world_size, train_cfg,
-                                  seq_len)
-    run.update(record)
+                                  seq_len, **record)
     session = Session(backend, train_cfg, tokenizer, batches, heldout, run, fingerprint,
                       finalize, extra_evals)
     session.prepare(model, seq_len)
@@ -165,7 +165,7 @@ class Session:
     """The pieces of one run and its steps, in the order run_training calls them."""
 
     def __init__(self, backend: Backend, train_cfg: TrainingConfig, tokenizer, batches, heldout,
-                 run: dict, fingerprint: dict, finalize=None, extra_evals=()):
+                 run: RunRecord, fingerprint: dict, finalize=None, extra_evals=()):
         self.backend, self.accelerator = backend, backend.accelerator
         self.cfg, self.tokenizer = train_cfg, tokenizer
         self.batches, self.heldout, self.run, self.fingerprint = batches, heldout, run, fingerprint
@@ -173,7 +173,7 @@ class Session:
         self.out = Path(train_cfg.output_dir)
         self.main = backend.topology.is_main
         self.state, self.tracker_id, self.pusher = loop.LoopState(), None, None
-        run["name"] = train_cfg.run_name or self.out.resolve().name
+        run.name = train_cfg.run_name or self.out.resolve().name
 
     @property
     def evaluates(self) -> bool:
@@ -193,7 +193,7 @@ class Session:
         loop.compile_loss(cfg.torch_compile)
         self.model, self.optimizer = self.backend.prepare(model, make_optimizer(model),
                                                           make_optimizer)
-        self.run["distributed"] = runtime.describe(self.backend)
+        self.run.distributed = runtime.describe(self.backend)
 
     def start_or_resume(self, resume: Path | None) -> None:
         """Load the checkpoint (and carry its metrics over), or start the output folder."""
@@ -212,15 +212,15 @@ class Session:
             self.out.mkdir(parents=True, exist_ok=True)
             outputs.clear_run_files(self.cfg.output_dir)
         if self.main:
-            outputs.write_yaml(self.out / "run_config.yaml", self.run)
+            outputs.write_record(self.out / "run_config.yaml", self.run)
 
     def start_trackers(self) -> None:
         """wandb/tensorboard (the same wandb run continues on resume), metrics and progress,
         and the background Hub pusher."""
-        wandb_kwargs = {"name": self.run["name"], "dir": str(self.out)}
+        wandb_kwargs = {"name": self.run.name, "dir": str(self.out)}
         if self.tracker_id:
             wandb_kwargs.update(id=self.tracker_id, resume="allow")
-        self.accelerator.init_trackers(self.run["name"], config=flat_config(self.run),
+        self.accelerator.init_trackers(self.run.name, config=self.run.flat_options(),
                                        init_kwargs={"wandb": wandb_kwargs})
         self.tracker_id = self.tracker_id or wandb_run_id(self.accelerator)
         self.logger = MetricsLogger(self.out, self.accelerator, self.cfg.max_steps,
@@ -243,7 +243,7 @@ class Session:
         path = ckpt.save_checkpoint(
             self.backend, self.model, self.optimizer, self.tokenizer, self.batches, state,
             {"fingerprint": self.fingerprint, "tracker_id": self.tracker_id,
-             "run_config": self.run},
+             "run_config": self.run.to_dict()},
             self.out, self.cfg.save_total_limit, keep=self.pusher.busy() if self.pusher else ())
         if self.pusher and self.cfg.hub_strategy == "every_save":
             self.pusher.push(path, f"step-{state.step}", f"checkpoint at step {state.step}")
@@ -259,8 +259,8 @@ class Session:
             finally:  # end the progress bar's line, so an error prints on a line of its own
                 self.logger.close()
         st = self.state
-        self.run.update(step=st.step, tokens=st.tokens, elapsed_s=st.elapsed_s,
-                        skipped_steps=st.skipped)
+        self.run.step, self.run.tokens, self.run.elapsed_s = st.step, st.tokens, st.elapsed_s
+        self.run.skipped_steps = st.skipped
         return stop.signal_name
 
     def stopped(self, signal_name: str) -> dict:
@@ -269,7 +269,8 @@ class Session:
                   f"{ckpt.checkpoint_root(self.out)}/step-{self.state.step}. To continue, run "
                   "the same command with --resume_from_checkpoint latest")
         self._close()
-        return {**self.run, "stopped": signal_name}
+        self.run.stopped = signal_name
+        return self.run.to_dict()
 
     def finish(self) -> dict:
         """The final model folder, samples and card; the Hub push of the final model."""
@@ -288,26 +289,26 @@ class Session:
                                  final=True)
                 self.pusher.finish_and_report()  # no time limit: the final model must go up
         self._close()
-        return self.run
+        return self.run.to_dict()
 
     def _record_evals(self) -> None:
         evals = [r for r in read_metrics(self.out)
                  if any(k.startswith("eval_") for k in r)] if self.main else []
         first, last = [{k: v for k, v in r.items() if k.startswith("eval_")} for r in
                        ((evals[0], evals[-1]) if evals else ({}, {}))]
-        self.run.update(final_eval_loss=last.get("eval_loss"),
-                        first_eval_loss=first.get("eval_loss"), final_eval=last,
-                        first_eval=first)
+        run = self.run
+        run.final_eval_loss, run.first_eval_loss = last.get("eval_loss"), first.get("eval_loss")
+        run.final_eval, run.first_eval = last, first
 
     def _report(self, samples: list[str]) -> None:
         for text in samples:
             print(f"--- sample\n{text}")
-        for key, value in self.run["final_eval"].items():
+        for key, value in self.run.final_eval.items():
             if key not in ("eval_loss", "eval_ppl"):
-                before = self.run["first_eval"].get(key)
+                before = self.run.first_eval.get(key)
                 print(f"held-out {key[5:]}: {before:.4f} at the first evaluation, "
                       f"{value:.4f} at step {self.state.step}")
-        print(f"\nfinal eval loss {self.run['final_eval_loss']}, model saved to {self.out}\n"
+        print(f"\nfinal eval loss {self.run.final_eval_loss}, model saved to {self.out}\n"
               f"load it: python -c \"from transformers import pipeline; "
               f"print(pipeline('text-generation', '{self.out}')('The')[0]['generated_text'])\"")
 

@@ -2,6 +2,7 @@
 model-index) that round-trips through ModelCard.load, and a body naming what the metadata cannot."""
 
 import copy
+import dataclasses
 import math
 
 import pytest
@@ -9,6 +10,7 @@ from helpers import metrics, run, toy_args
 from huggingface_hub import ModelCard
 
 from clm.hub import hub_name, model_card
+from clm.record import RunRecord
 
 HEADER = "---\nlibrary_name: transformers\npipeline_tag: text-generation\n"
 
@@ -51,7 +53,7 @@ def sft_run(base: str, **changes) -> dict:
 
 
 def write_and_load(tmp_path, run_dict):
-    content = model_card(run_dict)
+    content = model_card(RunRecord.from_dict(run_dict))
     path = tmp_path / "README.md"
     path.write_text(content)
     return content, ModelCard.load(path)
@@ -192,10 +194,24 @@ def test_final_eval_loss_falls_back_to_final_eval(tmp_path):
 
 
 def test_model_card_does_not_change_the_run():
-    r = sft_run("gpt2", final_eval={"eval_exact_match": 0.1})
+    r = RunRecord.from_dict(sft_run("gpt2", final_eval={"eval_exact_match": 0.1}))
     before = copy.deepcopy(r)
     model_card(r)
     assert r == before
+
+
+def test_the_record_round_trips_through_its_dict_and_refuses_unknown_keys():
+    r = sft_run("gpt2", final_eval={"eval_exact_match": 0.1})
+    record = RunRecord.from_dict(r)
+    assert record.model_info.params == 124_439_808 and record.task == "sft"
+    assert record.data["block_size"] == 256 and record.training["output_dir"] == "outputs/sft"
+    assert RunRecord.from_dict(record.to_dict()) == record
+    assert record.to_dict() == {**r, "versions": {}, "distributed": {}, "skipped_steps": 0,
+                                "first_eval": {}, "first_eval_loss": 10.98}
+    assert "stopped" not in record.to_dict() and "train_examples" not in \
+        RunRecord.from_dict(pretrain_run()).to_dict(), "unset optional fields are left out"
+    with pytest.raises(ValueError, match=r"not fields of a run record: \['final_loss'\]"):
+        RunRecord.from_dict({**r, "final_loss": 1.0})
 
 
 def test_hub_name(tmp_path, monkeypatch):
@@ -212,8 +228,8 @@ def test_card_of_a_real_run(tmp_path, corpus_dir, tokenizer_dir, toy_config_dir,
     from clm import outputs
 
     real = outputs.model_card
-    monkeypatch.setattr(outputs, "model_card", lambda r: real(
-        {**r, "final_eval": {"eval_exact_match": 0.125, "eval_hellaswag_acc_norm": None}}))
+    monkeypatch.setattr(outputs, "model_card", lambda r: real(dataclasses.replace(
+        r, final_eval={"eval_exact_match": 0.125, "eval_hellaswag_acc_norm": None})))
     out = tmp_path / "tiny"
     run(toy_args(corpus_dir, tokenizer_dir, toy_config_dir, out, max_steps=2, eval_steps=2,
                  num_samples=0, license="apache-2.0"))
