@@ -227,7 +227,7 @@ def chat_prompt_ids(tokenizer, messages: list[dict]) -> list[int]:
     """Token ids of `apply_chat_template(messages, add_generation_prompt=True, tokenize=False)`:
     the template's special tokens are tokens, special-token text inside the messages is plain
     text (encoded as run_sft.py encoded it for training, clm.sft.segments)."""
-    from .sft import _CLOSE, _OPEN, _quote, _rendered_ids, _special_pattern
+    from .sft.templates import _CLOSE, _OPEN, _quote, _rendered_ids, _special_pattern
 
     specials = _special_pattern(tokenizer)
     markers = f"{_OPEN}|{_CLOSE}"

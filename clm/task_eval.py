@@ -74,7 +74,7 @@ def load_metric(name: str):
 def prompts(records: list[dict], tokenizer, limit: int) -> list[dict]:
     """Up to `limit` {"prompt_ids", "reference"} from records whose last learned piece follows a
     prompt: the ids before it and its text (without special tokens)."""
-    from .sft import segments
+    from .sft.templates import segments
 
     out = []
     for record in records:

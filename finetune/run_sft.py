@@ -6,7 +6,7 @@
     torchrun --standalone --nproc_per_node 2 finetune/run_sft.py --config configs/sft_demo.yaml
 
 The same loop, checkpoints, exact resume, trackers, Hub push and output folder as train_clm.py;
-only the batches differ (clm/sft.py): padded examples (or, with --packing, rows of several
+only the batches differ (clm/sft/): padded examples (or, with --packing, rows of several
 examples kept apart) whose loss covers completions and assistant turns unless
 --completion_only_loss false. --eval_metrics scores greedy completions of held-out prompts
 (clm/task_eval.py) at every evaluation, from step 0. --use_peft trains LoRA adapters instead
