@@ -57,7 +57,7 @@ def main(data_cfg: DataConfig, model_cfg: ModelConfig, train_cfg: TrainingConfig
 
     # --- the run itself: the same for pretraining and finetuning
     return session.run_training(backend, configs, model, tokenizer, batches, heldout,
-                                fingerprint, resume, data_cfg.block_size,
+                                fingerprint, resume,
                                 extra_evals=[benchmarks] if benchmarks else [])
 
 

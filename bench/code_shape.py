@@ -138,6 +138,20 @@ def main() -> None:
     for group in found:
         print("  " + " <-> ".join(group))
 
+    if not found:  # a DAG: each module's layer is one above the highest it imports
+        layer = {}
+
+        def depth(v):
+            if v not in layer:
+                layer[v] = 1 + max((depth(w) for w in graph.get(v, ()) if w != v), default=-1)
+            return layer[v]
+
+        for v in graph:
+            depth(v)
+        print("layers, bottom first (every import points to a lower layer):")
+        for k in range(max(layer.values()) + 1):
+            print(f"  {k}: {', '.join(sorted(v for v in layer if layer[v] == k))}")
+
     print("\n## modules an option passes through")
     for option in OPTIONS:
         users = []

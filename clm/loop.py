@@ -19,6 +19,7 @@ import functools
 import math
 import time
 from dataclasses import dataclass
+from typing import Callable, Optional
 
 import torch
 import torch.nn.functional as F
@@ -199,16 +200,27 @@ def _block_batch(blocks: torch.Tensor) -> dict:
     return {"input_ids": blocks, "attention_mask": torch.ones_like(blocks), "labels": blocks}
 
 
-def train(cfg: TrainingConfig, backend: Backend, model, optimizer, batches, state: LoopState, logger,
-          evaluate_fn, save_fn=None, stop=None, flops_per_token: float | None = None,
-          peak_flops: float | None = None):
-    """Run optimizer steps until `cfg.max_steps` or a stop request; `batches` never ends.
+@dataclass
+class Hooks:
+    """What the loop calls out to (the session provides them).
 
-    `evaluate_fn()` returns {"eval_loss": .., "eval_<metric>": ..} (every `eval_steps` and at
-    the end); `save_fn(state)` checkpoints (every `save_steps`, and when stopped);
-    `stop.local()`, this rank's wish to stop, is summed over the ranks with the step's token
-    counts and acted on after that step (`stop.observe`), on every rank alike.
+    `logger` takes the training and evaluation records (metrics.MetricsLogger);
+    `evaluate()` returns {"eval_loss": .., "eval_<metric>": ..} (every `eval_steps` and at the
+    end); `save(state)` checkpoints (every `save_steps`, and when stopped); `stop.local()`,
+    this rank's wish to stop (runtime.StopRequest), is summed over the ranks with the step's
+    token counts and acted on after that step (`stop.observe`), on every rank alike.
     """
+
+    logger: object
+    evaluate: Callable[[], dict]
+    save: Optional[Callable[[LoopState], None]] = None
+    stop: object = None
+
+
+def train(cfg: TrainingConfig, backend: Backend, model, optimizer, batches, state: LoopState,
+          hooks: Hooks) -> LoopState:
+    """Run optimizer steps until `cfg.max_steps` or a stop request; `batches` never ends."""
+    logger, evaluate_fn, save_fn, stop = hooks.logger, hooks.evaluate, hooks.save, hooks.stop
     model.train()
     data = iter(batches)
     try:
@@ -231,8 +243,7 @@ def train(cfg: TrainingConfig, backend: Backend, model, optimizer, batches, stat
             window.add(nll, labels, tokens, finite)
             logger.advance()
             if not finite or state.step % cfg.logging_steps == 0 or state.step == cfg.max_steps:
-                logger.log_train(window.record(state, lr, grad_norm, flops_per_token, peak_flops,
-                                               backend))
+                logger.log_train(window.record(state, lr, grad_norm, backend))
                 window = _Window()
             if state.bad_steps >= cfg.max_bad_steps:
                 raise TrainingError(
@@ -270,8 +281,7 @@ class _Window:
         else:
             self.skipped += 1
 
-    def record(self, state: LoopState, lr: float, grad_norm: float, flops_per_token, peak_flops,
-               backend: Backend) -> dict:
+    def record(self, state: LoopState, lr: float, grad_norm: float, backend: Backend) -> dict:
         seconds = max(time.perf_counter() - self.start, 1e-9)
         tps = self.tokens / seconds
         record = {"step": state.step, "tokens": state.tokens,
@@ -280,9 +290,6 @@ class _Window:
                   "tokens_per_sec": round(tps, 1), "elapsed_s": round(state.elapsed_s, 3),
                   # share of the time the loop waited for the DataLoader
                   "data_wait": round(self.data_s / seconds, 4)}
-        # model FLOPs utilisation per device; None where the peak is unknown (CPUs)
-        record["mfu"] = round(flops_per_token * tps / (peak_flops * backend.topology.world_size), 4) \
-            if flops_per_token and peak_flops else None
         if backend.device.type == "cuda":  # this rank's peak, since the start
             record["max_memory_gb"] = round(torch.cuda.max_memory_allocated() / 2**30, 3)
         if self.skipped:

@@ -101,10 +101,16 @@ def plot_loss_curve(output_dir: str | Path) -> Path:
 
 
 class MetricsLogger:
-    """Writes records to metrics.jsonl and the trackers, and drives the progress bar."""
+    """Writes records to metrics.jsonl and the trackers, and drives the progress bar. A
+    training record gets its model FLOPs utilisation here ("mfu", per device, None where the
+    peak is unknown: CPUs) from the model's `flops_per_token`, the devices' `peak_flops` and
+    their number."""
 
-    def __init__(self, output_dir: str | Path, accelerator, max_steps: int, start_step: int = 0):
+    def __init__(self, output_dir: str | Path, accelerator, max_steps: int, start_step: int = 0,
+                 flops_per_token: float | None = None, peak_flops: float | None = None,
+                 devices: int = 1):
         self.accelerator = accelerator
+        self.flops_per_token, self.peak_flops, self.devices = flops_per_token, peak_flops, devices
         self.main = accelerator.is_main_process
         self.path = Path(output_dir) / "metrics.jsonl"
         self.bar = tqdm(total=max_steps, initial=start_step, disable=not self.main,
@@ -117,6 +123,9 @@ class MetricsLogger:
             f.write(json.dumps(record) + "\n")
 
     def log_train(self, record: dict) -> None:
+        record["mfu"] = round(self.flops_per_token * record["tokens_per_sec"] /
+                              (self.peak_flops * self.devices), 4) \
+            if self.flops_per_token and self.peak_flops else None
         self._write(record)
         self.accelerator.log({f"train/{k}": v for k, v in record.items()
                               if k != "step" and isinstance(v, (int, float))}, step=record["step"])

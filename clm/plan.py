@@ -26,6 +26,7 @@ import json
 from collections import deque
 from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import Callable, NamedTuple
 
 import torch
 
@@ -34,6 +35,7 @@ from .config import DataConfig, ModelConfig, TrainingConfig
 from .errors import UsageError, first_line
 from .metrics import PEAK_FLOPS
 from .optim import OPTIMIZERS
+from .parallel import BACKENDS
 from .parallel.launch import Topology
 
 GIB = 2**30
@@ -297,6 +299,17 @@ def setup_of(train_cfg: TrainingConfig, block_size: int, num_gpus: int,
 
 # --- memory
 
+class MemoryContext(NamedTuple):
+    """What a backend's `memory_terms` is handed to list its model-state terms with."""
+
+    add: Callable       # add(kind, what, bytes, offload=None, stage=0)
+    part: Callable      # part(stage): the divisor of a term sharded from ZeRO stage `stage` on
+    c: int              # bytes of a value in the compute dtype
+    dt: str             # the compute dtype's name
+    masters: str        # a note on the fp32 masters of a 16-bit checkpoint ("" for fp32)
+    opt: object         # the optimizer (optim.Optimizer): its state bytes and description
+
+
 def memory_terms(shape: Shape, s: Setup) -> list[tuple[str, str, float, str | None]]:
     """Per-GPU bytes alive at the peak of a step (the start of a micro-batch's backward pass),
     term by term: (kind, what, bytes, offload), `offload` naming the ZeRO offload that moves
@@ -321,62 +334,8 @@ def memory_terms(shape: Shape, s: Setup) -> list[tuple[str, str, float, str | No
     part = lambda stage: n if z >= stage else 1  # noqa: E731 (divisor of a sharded term)
     loaded = shape.checkpoint_dtype not in (None, "float32")
     masters = f" (the checkpoint's {shape.checkpoint_dtype} loaded as fp32)" if loaded else ""
-    if s.backend == "ddp":
-        add("weights", f"fp32 weights, the masters the optimizer updates{masters}", 4 * p)
-        if s.half:
-            # cached by autocast through the forward pass and kept by autograd for the backward
-            add("weights", f"{dt} autocast copies of the weights", 2 * p)
-        add("gradients", "fp32 gradients", 4 * p)
-        if n > 1:  # Accelerate's default gradient_as_bucket_view=False: a second copy
-            add("gradients", "DDP's gradient buckets", 4 * p)
-        add("optimizer", opt.state, opt.state_bytes * p)
-    elif s.backend == "fsdp":
-        add("weights", f"fp32 weights{masters}", 4 * p / n, stage=3)
-        # the root group (embeddings, final norm, a tied head) stays gathered from its forward
-        # to its backward; a block is gathered while in use, and the next one is prefetched
-        block = shape.largest_block or shape.largest_layer
-        add("weights", f"{dt} parameters gathered: the root group's and two blocks'",
-            c * (shape.root_params + 2 * block))
-        add("gradients", "fp32 gradients", 4 * p / n, stage=3)
-        add("gradients", f"one block's unsharded {dt} gradient and its fp32 reduce-scatter "
-            "copy", (c + 4) * block)
-        if s.accumulation > 1:
-            # set_requires_gradient_sync(False) on every micro-batch but the last
-            # (parallel.fsdp.FSDPBackend.micro_batch): torch 2.13's FSDPParam keeps each gradient
-            # unsharded until the reduce-scatter, upcast to the fp32 reduce_dtype under
-            # bf16/fp16 (to_accumulated_grad_if_needed), fp32 as computed without: the whole
-            # model's, not 1/N
-            add("gradients", "FSDP's unsharded fp32 gradients, accumulated over the "
-                "micro-batches", 4 * p)
-        add("optimizer", opt.state, opt.state_bytes * p / n, stage=3)
-    elif s.half:
-        add("weights", f"{dt} weights (the engine's model)", 2 * p / part(3), "params", 3)
-        add("optimizer", f"fp32 master weights{masters}", 4 * p / part(1), "optimizer", 1)
-        add("optimizer", opt.state, opt.state_bytes * p / part(1), "optimizer", 1)
-        if (s.grad_accum_dtype or s.precision) == "fp32":
-            # data_types.grad_accum_dtype fp32 (with communication_data_type fp32, so the
-            # reduction sums in fp32 too). ZeRO-1 then runs DeepSpeed's BF16_Optimizer (bf16),
-            # or keeps fp32 grad_accum tensors beside the fp16 gradients (fp16): a full-size
-            # fp32 buffer besides the 16-bit gradients, not partitioned; ZeRO-2/3 accumulate
-            # each rank's partition in fp32 and need no fp32 copy for the step.
-            if z <= 1:
-                add("gradients", f"{dt} gradients", 2 * p)
-                add("gradients", "fp32 gradient accumulation buffer (grad_accum_dtype fp32)",
-                    4 * p)
-            else:
-                add("gradients", "fp32 gradient partitions (grad_accum_dtype fp32)", 4 * p / n,
-                    "optimizer", 2)
-        else:
-            # gradients accumulate in the model's dtype; the step casts its partition to fp32.
-            # Partitioned (ZeRO-2/3), they are kept where the optimizer is (host if offloaded).
-            add("gradients", f"{dt} gradients", 2 * p / part(2), "optimizer" if z >= 2 else None,
-                2)
-            add("gradients", "fp32 gradients for the optimizer step", 4 * p / part(1),
-                "optimizer", 1)
-    else:
-        add("weights", f"fp32 weights{masters}", 4 * p / part(3), "params", 3)
-        add("gradients", "fp32 gradients", 4 * p / part(2), None, 2)
-        add("optimizer", opt.state, opt.state_bytes * p / part(1), "optimizer", 1)
+    # the model's states (weights, gradients, optimizer) as the backend keeps them
+    BACKENDS[s.backend].memory_terms(shape, s, MemoryContext(add, part, c, dt, masters, opt))
     if s.backend == "deepspeed" and z == 3:
         live, why = zero3_gathered(shape, s)
         add("weights", f"ZeRO-3 gathered {dt} parameters: {_m(live)} of {_m(p)} ({why})",

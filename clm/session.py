@@ -127,7 +127,7 @@ def check_resume(resume: Path | None, fingerprint: dict) -> None:
 
 
 def run_training(backend: Backend, configs: dict, model, tokenizer, batches, heldout,
-                 fingerprint: dict, resume: Path | None, seq_len: int, finalize=None,
+                 fingerprint: dict, resume: Path | None, finalize=None,
                  extra_evals=(), **record) -> dict:
     """Train `model` on `batches` (an endless loader with state_dict/load_state_dict) and write
     the output folder; `heldout` is what loop.evaluate takes; `configs` the run's config
@@ -135,7 +135,7 @@ def run_training(backend: Backend, configs: dict, model, tokenizer, batches, hel
     `finalize(model, output_dir)`, on the main process, turns the trained model into the one
     the final folder holds (finetuning merges LoRA adapters there); `extra_evals`, functions
     `(model, backend) -> {"eval_<metric>": ..}`, run beside the held-out loss."""
-    train_cfg = configs["training"]
+    train_cfg, seq_len = configs["training"], configs["data"].block_size
     run = outputs.resolved_config(configs, model, backend.topology.dp_world_size, train_cfg,
                                   seq_len, **record)
     session = Session(backend, train_cfg, tokenizer, batches, heldout, run, fingerprint,
@@ -224,7 +224,9 @@ class Session:
                                        init_kwargs={"wandb": wandb_kwargs})
         self.tracker_id = self.tracker_id or wandb_run_id(self.accelerator)
         self.logger = MetricsLogger(self.out, self.accelerator, self.cfg.max_steps,
-                                    start_step=self.state.step)
+                                    start_step=self.state.step, flops_per_token=self.fpt,
+                                    peak_flops=peak_flops(self.accelerator.device),
+                                    devices=self.backend.topology.world_size)
         if self.cfg.push_to_hub and self.main:
             self.pusher = hub.HubPusher(self.cfg.hub_model_id, self.cfg.hub_private_repo)
 
@@ -253,9 +255,7 @@ class Session:
         with runtime.StopRequest() as stop:
             try:
                 loop.train(self.cfg, self.backend, self.model, self.optimizer, self.batches,
-                           self.state, self.logger, self.evaluate, save_fn=self.save, stop=stop,
-                           flops_per_token=self.fpt,
-                           peak_flops=peak_flops(self.accelerator.device))
+                           self.state, loop.Hooks(self.logger, self.evaluate, self.save, stop))
             finally:  # end the progress bar's line, so an error prints on a line of its own
                 self.logger.close()
         st = self.state

@@ -69,7 +69,7 @@ def main(data_cfg: SFTDataConfig, model_cfg: ModelConfig, train_cfg: TrainingCon
     return session.run_training(
         backend, configs, model, tokenizer, batches,
         sft.eval_batches(heldout, train_cfg.per_device_eval_batch_size, pad), fingerprint,
-        resume, data_cfg.block_size,
+        resume,
         finalize=sft.merge_lora if lora.use_peft and lora.merge_adapters else None,
         extra_evals=[task_metrics] if task_metrics else [],
         task="sft", train_examples=len(examples), heldout_examples=len(heldout),

@@ -8,7 +8,7 @@ import torch
 from transformers import GPT2Config, GPT2LMHeadModel
 
 from clm import loop
-from clm.metrics import peak_flops, peak_flops_of
+from clm.metrics import MetricsLogger, peak_flops, peak_flops_of, read_metrics
 from clm.model import flops_per_token, num_params
 from clm.parallel import Topology
 
@@ -86,26 +86,32 @@ def test_an_untied_head_is_counted_once():
     assert flops_per_token(untied, 32) == FLOPS_PER_TOKEN_T32
 
 
-def logged_window(monkeypatch, peak, world=1) -> dict:
-    """The record of a window that read 4096 tokens (all ranks) in 2 s."""
+def logged_window(monkeypatch, tmp_path, peak, world=1) -> dict:
+    """The record, as metrics.jsonl holds it, of a window that read 4096 tokens (all ranks) in
+    2 s, logged by the MetricsLogger the session makes."""
     clock = [100.0, 102.0]  # opened at 100 s, logged at 102 s (and after)
     monkeypatch.setattr(loop.time, "perf_counter",
                         lambda: clock.pop(0) if len(clock) > 1 else clock[0])
     window = loop._Window()
     window.add(nll=1.0, labels=4000, tokens=4096, finite=True)
     backend = SimpleNamespace(topology=Topology(world_size=world), device=torch.device("cpu"))
-    return window.record(loop.LoopState(step=1, tokens=4096), 1e-3, 1.0, FLOPS_PER_TOKEN_T32,
-                         peak, backend)
+    accelerator = SimpleNamespace(is_main_process=True, log=lambda *a, **k: None)
+    logger = MetricsLogger(tmp_path, accelerator, max_steps=1, flops_per_token=FLOPS_PER_TOKEN_T32,
+                           peak_flops=peak, devices=world)
+    logger.log_train(window.record(loop.LoopState(step=1, tokens=4096), 1e-3, 1.0, backend))
+    logger.close()
+    (record,) = read_metrics(tmp_path, "train")
+    return record
 
 
 @pytest.mark.parametrize("world", [1, 2])
-def test_logged_mfu_by_hand(monkeypatch, world):
-    record = logged_window(monkeypatch, 4e9, world)
+def test_logged_mfu_by_hand(monkeypatch, tmp_path, world):
+    record = logged_window(monkeypatch, tmp_path, 4e9, world)
     # 4096 tokens / 2 s = 2048 tokens/s of 821_760 FLOPs each = 1.68e9 FLOP/s, shared by
     # `world` devices of 4e9 FLOP/s peak: 0.42074112 for one, 0.21037056 for two
     assert record["tokens_per_sec"] == 2048.0
     assert record["mfu"] == {1: 0.4207, 2: 0.2104}[world]
 
 
-def test_no_peak_no_mfu(monkeypatch):
-    assert logged_window(monkeypatch, None)["mfu"] is None
+def test_no_peak_no_mfu(monkeypatch, tmp_path):
+    assert logged_window(monkeypatch, tmp_path, None)["mfu"] is None

@@ -126,6 +126,14 @@ class Backend:
         return {}
 
     @staticmethod
+    def memory_terms(shape, s, m) -> None:
+        """The bytes per GPU of the model's states (weights, gradients, optimizer state) as
+        this backend keeps them, for `--dry_run`: each term given to `m.add(kind, what,
+        bytes, offload, stage)` (`plan.MemoryContext`), for the model `shape` under the
+        choices `s` (plan.Setup: precision, GPUs, ZeRO stage, offload, accumulation)."""
+        raise NotImplementedError
+
+    @staticmethod
     def weights_from_state(state_dir: Path) -> dict:
         """Every weight (fp32 masters where the backend keeps them) of a training state this
         backend saved, read without a process group or a GPU: what `python -m clm.export`

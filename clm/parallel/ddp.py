@@ -31,6 +31,22 @@ class DDPBackend(Backend):
         return nullcontext() if last else self.accelerator.no_sync(model)
 
     @staticmethod
+    def memory_terms(shape, s, m) -> None:
+        """--dry_run's model-state terms per GPU (`plan.memory_terms` adds activations and
+        logits): every rank holds fp32 weights, gradients (and DDP's bucket copy) and the
+        optimizer's state whole."""
+        add, part, c, dt, masters, opt = m
+        p, n = shape.params, s.num_gpus
+        add("weights", f"fp32 weights, the masters the optimizer updates{masters}", 4 * p)
+        if s.half:
+            # cached by autocast through the forward pass and kept by autograd for the backward
+            add("weights", f"{dt} autocast copies of the weights", 2 * p)
+        add("gradients", "fp32 gradients", 4 * p)
+        if n > 1:  # Accelerate's default gradient_as_bucket_view=False: a second copy
+            add("gradients", "DDP's gradient buckets", 4 * p)
+        add("optimizer", opt.state, opt.state_bytes * p)
+
+    @staticmethod
     def weights_from_state(state_dir: Path) -> dict:
         from safetensors.torch import load_file
 

@@ -141,6 +141,42 @@ class DeepSpeedBackend(DDPBackend):
 
 
     @staticmethod
+    def memory_terms(shape, s, m) -> None:
+        """--dry_run's model-state terms per GPU, by ZeRO stage (`s.shard`), precision and
+        offload: the 16-bit engine model over fp32 master partitions, or fp32 throughout."""
+        add, part, c, dt, masters, opt = m
+        p, n, z = shape.params, s.num_gpus, s.shard
+        if s.half:
+            add("weights", f"{dt} weights (the engine's model)", 2 * p / part(3), "params", 3)
+            add("optimizer", f"fp32 master weights{masters}", 4 * p / part(1), "optimizer", 1)
+            add("optimizer", opt.state, opt.state_bytes * p / part(1), "optimizer", 1)
+            if (s.grad_accum_dtype or s.precision) == "fp32":
+                # data_types.grad_accum_dtype fp32 (with communication_data_type fp32, so
+                # the reduction sums in fp32 too). ZeRO-1 then runs DeepSpeed's BF16_Optimizer
+                # (bf16), or keeps fp32 grad_accum tensors beside the fp16 gradients (fp16): a
+                # full-size fp32 buffer besides the 16-bit gradients, not partitioned; ZeRO-2/3
+                # accumulate each rank's partition in fp32 and need no fp32 copy for the step.
+                if z <= 1:
+                    add("gradients", f"{dt} gradients", 2 * p)
+                    add("gradients", "fp32 gradient accumulation buffer (grad_accum_dtype fp32)",
+                        4 * p)
+                else:
+                    add("gradients", "fp32 gradient partitions (grad_accum_dtype fp32)",
+                        4 * p / n, "optimizer", 2)
+            else:
+                # gradients accumulate in the model's dtype; the step casts its partition to
+                # fp32. Partitioned (ZeRO-2/3), they are kept where the optimizer is (host if
+                # offloaded).
+                add("gradients", f"{dt} gradients", 2 * p / part(2),
+                    "optimizer" if z >= 2 else None, 2)
+                add("gradients", "fp32 gradients for the optimizer step", 4 * p / part(1),
+                    "optimizer", 1)
+        else:
+            add("weights", f"fp32 weights{masters}", 4 * p / part(3), "params", 3)
+            add("gradients", "fp32 gradients", 4 * p / part(2), None, 2)
+            add("optimizer", opt.state, opt.state_bytes * p / part(1), "optimizer", 1)
+
+    @staticmethod
     def weights_from_state(state_dir: Path) -> dict:
         DeepSpeedBackend._saved(state_dir, f"{ZERO_TAG}/*_model_states.pt")
         return _zero_weights(Path(state_dir))

@@ -147,6 +147,31 @@ class FSDPBackend(Backend):
                 "fsdp_mixed_precision": self.mixed_precision}
 
     @staticmethod
+    def memory_terms(shape, s, m) -> None:
+        """--dry_run's model-state terms per GPU: fp32 shards of weights, gradients and
+        optimizer state, plus what is gathered or unsharded at the peak."""
+        add, part, c, dt, masters, opt = m
+        p, n = shape.params, s.num_gpus
+        add("weights", f"fp32 weights{masters}", 4 * p / n, stage=3)
+        # the root group (embeddings, final norm, a tied head) stays gathered from its forward
+        # to its backward; a block is gathered while in use, and the next one is prefetched
+        block = shape.largest_block or shape.largest_layer
+        add("weights", f"{dt} parameters gathered: the root group's and two blocks'",
+            c * (shape.root_params + 2 * block))
+        add("gradients", "fp32 gradients", 4 * p / n, stage=3)
+        add("gradients", f"one block's unsharded {dt} gradient and its fp32 reduce-scatter "
+            "copy", (c + 4) * block)
+        if s.accumulation > 1:
+            # set_requires_gradient_sync(False) on every micro-batch but the last
+            # (parallel.fsdp.FSDPBackend.micro_batch): torch 2.13's FSDPParam keeps each gradient
+            # unsharded until the reduce-scatter, upcast to the fp32 reduce_dtype under
+            # bf16/fp16 (to_accumulated_grad_if_needed), fp32 as computed without: the whole
+            # model's, not 1/N
+            add("gradients", "FSDP's unsharded fp32 gradients, accumulated over the "
+                "micro-batches", 4 * p)
+        add("optimizer", opt.state, opt.state_bytes * p / n, stage=3)
+
+    @staticmethod
     def weights_from_state(state_dir: Path) -> dict:
         return _fsdp_weights(FSDPBackend._saved(state_dir, f"{DCP_DIR}/.metadata").parent)
 
