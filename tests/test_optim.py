@@ -99,3 +99,4 @@ def test_the_planner_counts_the_optimizers_state_bytes(monkeypatch):
     assert optimizer_bytes(ddp) == 4 * p
     fsdp = replace(ddp, backend="fsdp", shard=3, num_gpus=4)
     assert optimizer_bytes(fsdp) == 4 * p / 4
+
