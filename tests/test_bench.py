@@ -102,7 +102,7 @@ def gpu_check(tmp_path, *args, **env):
     environ = {**os.environ, "PYTHON": sys.executable, "OUT": str(out), "TMPDIR": str(tmp_path),
                "PATH": f"{bin_dir}{os.pathsep}{os.environ['PATH']}", **env}
     proc = subprocess.run(["bash", "bench/gpu_check.sh", *args], cwd=ROOT, env=environ,
-                          capture_output=True, text=True, timeout=330)
+                          capture_output=True, text=True, timeout=1500)
     rows = [x for x in (out / "table.md").read_text().splitlines()
             if x.startswith("| ") and not x.startswith("| item ")]
     results = [json.loads(x) for x in (out / "results.jsonl").read_text().splitlines()]
@@ -111,7 +111,9 @@ def gpu_check(tmp_path, *args, **env):
 
 @pytest.mark.slow
 def test_gpu_check_runs_every_item_on_cpu(tmp_path):
-    proc, rows, results = gpu_check(tmp_path, "--cpu")
+    # the caps stop hung items; on a machine shared with other jobs an item may take several
+    # times its quiet time, which is not what this test is about
+    proc, rows, results = gpu_check(tmp_path, "--cpu", GPU_CHECK_SLACK="4")
     log = (tmp_path / "out" / "log.txt").read_text()
     assert proc.returncode == 0, f"{proc.stdout[-3000:]}\n{proc.stderr[-1000:]}\n{log[-4000:]}"
     assert list(results) == GPU_CHECK_ITEMS

@@ -101,11 +101,15 @@ def test_zero_state_loads_on_another_number_of_processes(ds_work, stage, saved_o
     # the state after 2 steps, re-cut into the new partitions: masters and moments exact
     assert_same_state(saved, loaded)
     assert saved["global_steps"] == loaded["global_steps"] == 2
-    # one step count per flat fp32 partition (a param group, on this rank): both groups at 2
-    assert saved["steps"] == loaded["steps"] == [2.0, 2.0]
+    # one step count per flat fp32 partition (a param group, on this rank: clm.optim's roles
+    # embeddings, hidden matrices, norms and biases): every group at 2
+    assert saved["steps"] == loaded["steps"] == [2.0, 2.0, 2.0]
+    assert [g["role"] for g in loaded["groups"]] == ["embeddings", "hidden_matrices",
+                                                     "norms_and_biases"]
+    assert [g["weight_decay"] for g in loaded["groups"]] == [0.1, 0.1, 0.0]
 
     # the same third step as the saving run's own: every group's Adam counts it once
-    assert loaded["steps_after"] == [3.0, 3.0]
+    assert loaded["steps_after"] == [3.0, 3.0, 3.0]
     reference = load(home / f"saved_on_{saved_on}" / "continued.pt")
     assert reference.keys() == loaded["continued"].keys()
     for name, value in reference.items():
