@@ -204,7 +204,8 @@ MAY_CHANGE = frozenset({
     "max_bad_steps", "dataloader_num_workers",
     # the schedule, so that a run can be extended (--max_steps) or its rates changed; the
     # optimizer itself (--optim, its betas, epsilon, weight decay, clipping) must match
-    "max_steps", "learning_rate", "min_lr", "warmup_steps",
+    "max_steps", "learning_rate", "min_lr", "warmup_steps", "lr_scheduler_type",
+    "lr_scheduler_kwargs",
     # a tokenizer is compared by its vocabulary ("tokenizer"), not by where it was read from
     "tokenizer_name",
 })

@@ -24,6 +24,39 @@ from .errors import TrainingError, UsageError  # re-exported: scripts and tests 
 
 # --optim's values; clm/optim.py implements each (a test holds the two together)
 OPTIM_CHOICES = ("adamw_torch",)
+# --lr_scheduler_type's values (clm/optim.py: lr_at), and the settings each takes
+SCHEDULES = {"cosine_with_min_lr": (), "cosine": (), "linear": (), "constant_with_warmup": (),
+             "warmup_stable_decay": ("num_decay_steps", "decay_ratio", "decay_type")}
+DECAY_TYPES = ("linear", "cosine", "1-sqrt")
+
+
+def _schedule_kwargs(kind: str, given) -> dict:
+    """--lr_scheduler_kwargs as a dict, checked against --lr_scheduler_type."""
+    import json
+
+    if kind not in SCHEDULES:
+        raise UsageError(f"unknown --lr_scheduler_type '{kind}' (choose {', '.join(SCHEDULES)})")
+    if isinstance(given, str):
+        try:
+            given = json.loads(given)
+        except ValueError:
+            raise UsageError(f"--lr_scheduler_kwargs {given!r} is not JSON (pass e.g. "
+                             "'{\"decay_ratio\": 0.2}')") from None
+    given = dict(given or {})
+    unknown = sorted(set(given) - set(SCHEDULES[kind]))
+    if unknown:
+        raise UsageError(f"--lr_scheduler_kwargs {unknown} are not settings of {kind} "
+                         f"(it takes {', '.join(SCHEDULES[kind]) or 'none'})")
+    if "num_decay_steps" in given and "decay_ratio" in given:
+        raise UsageError("--lr_scheduler_kwargs gives both num_decay_steps and decay_ratio "
+                         "(keep one)")
+    if given.get("decay_type", "linear") not in DECAY_TYPES:
+        raise UsageError(f"--lr_scheduler_kwargs decay_type '{given['decay_type']}' is unknown "
+                         f"(choose {', '.join(DECAY_TYPES)})")
+    if not 0 < given.get("decay_ratio", 0.2) <= 1 or given.get("num_decay_steps", 1) < 1:
+        raise UsageError("--lr_scheduler_kwargs: decay_ratio must be in (0, 1] and "
+                         "num_decay_steps >= 1")
+    return given
 
 
 def _help(text: str, **kw):
@@ -153,8 +186,18 @@ class TrainingConfig:
                                             default=8)
     gradient_accumulation_steps: int = _help("Micro-batches per optimizer step.", default=1)
     learning_rate: float = _help("Peak learning rate (after warmup).", default=6e-4)
-    min_lr: float = _help("Learning rate at the end of the cosine decay.", default=6e-5)
+    min_lr: float = _help("Learning rate at the end of the decay (cosine_with_min_lr and "
+                          "warmup_stable_decay).", default=6e-5)
     warmup_steps: int = _help("Optimizer steps of linear warmup from 0.", default=100)
+    lr_scheduler_type: str = _help(
+        "The schedule after warmup (TrainingArguments' names): cosine_with_min_lr (cosine to "
+        "--min_lr), cosine (to 0), linear (to 0), constant_with_warmup, or "
+        "warmup_stable_decay (constant, then a decay to --min_lr over the last steps).",
+        default="cosine_with_min_lr")
+    lr_scheduler_kwargs: Optional[str] = _help(
+        "JSON (or a YAML mapping) of the schedule's settings. warmup_stable_decay: "
+        "num_decay_steps (or decay_ratio, the share of --max_steps; default 0.2) and "
+        "decay_type linear, cosine or 1-sqrt (default linear).", default=None)
     optim: str = _help("Optimizer (clm/optim.py; TrainingArguments' name): adamw_torch, torch's "
                        "AdamW, fused where the device has the kernel.", default="adamw_torch")
     weight_decay: float = _help("AdamW weight decay, on matrices only.", default=0.1)
@@ -266,6 +309,8 @@ class TrainingConfig:
         if not 0 <= self.min_lr <= self.learning_rate:
             raise UsageError(f"--min_lr {self.min_lr} must be between 0 and --learning_rate "
                              f"{self.learning_rate}")
+        self.lr_scheduler_kwargs = _schedule_kwargs(self.lr_scheduler_type,
+                                                    self.lr_scheduler_kwargs)
         if self.optim not in OPTIM_CHOICES:
             raise UsageError(f"unknown --optim '{self.optim}' (choose "
                              f"{', '.join(OPTIM_CHOICES)})")

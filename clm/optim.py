@@ -12,9 +12,9 @@ the model has:
     norms_and_biases  LayerNorm weights and biases, and every bias
 
 A group carries its role and an `lr_scale`; the loop sets each group's learning rate to the
-schedule's value (`lr_at`, warmup then cosine, counted in optimizer steps) times that scale
-(`set_lr`), so an optimizer that wants other rates for some roles says so in its groups, not in
-the loop. AdamW (`adamw_torch`, the name TrainingArguments' `optim` gives torch's AdamW) decays
+schedule's value (`lr_at`: warmup, then --lr_scheduler_type, counted in optimizer steps) times
+that scale (`set_lr`), so an optimizer that wants other rates for some roles says so in its
+groups, not in the loop. AdamW (`adamw_torch`, the name TrainingArguments' `optim` gives torch's AdamW) decays
 the matrices (embeddings, head, hidden) and not the norms and biases, all at scale 1.
 """
 
@@ -41,13 +41,35 @@ assert set(OPTIMIZERS) == set(OPTIM_CHOICES), "config.OPTIM_CHOICES and OPTIMIZE
 
 
 def lr_at(step: int, cfg: TrainingConfig) -> float:
-    """The schedule's learning rate of optimizer step `step` (0-based): linear warmup, then
-    cosine to min_lr."""
+    """The schedule's learning rate of optimizer step `step` (0-based), a pure function of the
+    step (so a resume is exact): linear warmup over --warmup_steps (step 0 already at
+    1/warmup of the peak, not at 0), then --lr_scheduler_type up to --max_steps.
+
+    warmup_stable_decay holds the peak until the last `num_decay_steps` (or `decay_ratio` x
+    max_steps) steps and decays over them to --min_lr: a run extended from a checkpoint taken
+    before its decay (a larger --max_steps) has the same rates up to that checkpoint.
+    """
+    peak, kind, kw = cfg.learning_rate, cfg.lr_scheduler_type, cfg.lr_scheduler_kwargs or {}
     if step < cfg.warmup_steps:
-        return cfg.learning_rate * (step + 1) / cfg.warmup_steps
-    decay_steps = max(1, cfg.max_steps - cfg.warmup_steps)
-    progress = min(1.0, (step - cfg.warmup_steps) / decay_steps)
-    return cfg.min_lr + 0.5 * (1 + math.cos(math.pi * progress)) * (cfg.learning_rate - cfg.min_lr)
+        return peak * (step + 1) / cfg.warmup_steps
+    if kind == "constant_with_warmup":
+        return peak
+    if kind == "warmup_stable_decay":
+        decay = kw.get("num_decay_steps") or max(1, round(kw.get("decay_ratio", 0.2) *
+                                                          cfg.max_steps))
+        start = max(cfg.warmup_steps, cfg.max_steps - decay)
+        if step < start:
+            return peak
+        progress = min(1.0, (step - start) / max(1, cfg.max_steps - start))
+        shape = kw.get("decay_type", "linear")
+        left = {"linear": 1 - progress, "cosine": 0.5 * (1 + math.cos(math.pi * progress)),
+                "1-sqrt": 1 - math.sqrt(progress)}[shape]
+        return cfg.min_lr + left * (peak - cfg.min_lr)
+    floor = cfg.min_lr if kind == "cosine_with_min_lr" else 0.0
+    progress = min(1.0, (step - cfg.warmup_steps) / max(1, cfg.max_steps - cfg.warmup_steps))
+    if kind == "linear":
+        return peak * (1 - progress)
+    return floor + 0.5 * (1 + math.cos(math.pi * progress)) * (peak - floor)
 
 
 def set_lr(optimizer, lr: float) -> None:

@@ -100,3 +100,81 @@ def test_the_planner_counts_the_optimizers_state_bytes(monkeypatch):
     fsdp = replace(ddp, backend="fsdp", shard=3, num_gpus=4)
     assert optimizer_bytes(fsdp) == 4 * p / 4
 
+
+
+def schedule(kind, kwargs=None, **kw):
+    cfg = TrainingConfig(output_dir="x", learning_rate=1e-3, min_lr=1e-4, warmup_steps=10,
+                         max_steps=110, lr_scheduler_type=kind, lr_scheduler_kwargs=kwargs, **kw)
+    return [optim.lr_at(s, cfg) for s in range(cfg.max_steps)]
+
+
+def test_each_schedule_by_hand():
+    warmup = [1e-3 * (s + 1) / 10 for s in range(10)]
+    for kind in ("cosine_with_min_lr", "cosine", "linear", "constant_with_warmup",
+                 "warmup_stable_decay"):
+        assert schedule(kind)[:10] == pytest.approx(warmup), kind
+    cos = schedule("cosine_with_min_lr")
+    assert cos[10] == pytest.approx(1e-3) and cos[60] == pytest.approx(5.5e-4)
+    default = TrainingConfig(output_dir="x", learning_rate=1e-3, min_lr=1e-4, warmup_steps=10,
+                             max_steps=110)
+    assert default.lr_scheduler_type == "cosine_with_min_lr", "the default: as before"
+    assert cos[-1] > 1e-4 and optim.lr_at(110, default) == pytest.approx(1e-4)
+    assert schedule("cosine")[60] == pytest.approx(5e-4), "HF's cosine goes to 0"
+    assert schedule("linear")[60] == pytest.approx(5e-4) and schedule("linear")[109] < 2e-5
+    assert set(schedule("constant_with_warmup")[10:]) == {1e-3}
+    # warmup-stable-decay: the peak until the last 20% (22 steps), then linearly to min_lr
+    wsd = schedule("warmup_stable_decay")
+    assert set(wsd[10:88]) == {1e-3} and wsd[88] == pytest.approx(1e-3)
+    assert wsd[99] == pytest.approx(1e-4 + 0.5 * 9e-4)
+    sqrt = schedule("warmup_stable_decay", '{"num_decay_steps": 10, "decay_type": "1-sqrt"}')
+    assert set(sqrt[10:100]) == {1e-3} and sqrt[104] == pytest.approx(
+        1e-4 + (1 - 0.4 ** 0.5) * 9e-4)
+
+
+def test_a_wsd_run_extended_before_its_decay_keeps_its_rates():
+    """A checkpoint taken in the stable phase continues with a larger --max_steps: the rates up
+    to it are the same, and the decay moves to the new end."""
+    kw = '{"num_decay_steps": 20}'
+    short = schedule("warmup_stable_decay", kw)            # decays over steps 90-109
+    cfg = TrainingConfig(output_dir="x", learning_rate=1e-3, min_lr=1e-4, warmup_steps=10,
+                         max_steps=200, lr_scheduler_type="warmup_stable_decay",
+                         lr_scheduler_kwargs={"num_decay_steps": 20})  # a YAML mapping
+    longer = [optim.lr_at(s, cfg) for s in range(200)]
+    assert longer[:90] == short[:90] and set(longer[10:180]) == {1e-3}
+    assert longer[199] == pytest.approx(1e-4 + 9e-4 / 20)
+
+
+@pytest.mark.parametrize("kind, kwargs, message", [
+    ("wsd", None, "unknown --lr_scheduler_type 'wsd' (choose cosine_with_min_lr, cosine"),
+    ("cosine", '{"decay_ratio": 0.1}', "['decay_ratio'] are not settings of cosine (it takes "
+     "none)"),
+    ("warmup_stable_decay", "decay_ratio=0.1", "is not JSON"),
+    ("warmup_stable_decay", '{"decay_type": "step"}', "decay_type 'step' is unknown"),
+    ("warmup_stable_decay", '{"decay_ratio": 0.1, "num_decay_steps": 5}', "keep one"),
+    ("warmup_stable_decay", '{"decay_ratio": 1.5}', "decay_ratio must be in (0, 1]"),
+])
+def test_bad_schedules_are_one_line_errors(kind, kwargs, message):
+    with pytest.raises(UsageError) as e:
+        TrainingConfig(output_dir="x", lr_scheduler_type=kind, lr_scheduler_kwargs=kwargs)
+    assert message in str(e.value) and "\n" not in str(e.value)
+
+
+def test_the_run_logs_the_schedule_it_was_given(tmp_path, corpus_dir, tokenizer_dir,
+                                                toy_config_dir):
+    """Through train_clm.py's CLI: the logged rates are warmup-stable-decay's, and
+    run_config.yaml records the schedule's settings as a mapping."""
+    import yaml
+    from helpers import metrics, run, toy_args
+
+    out = tmp_path / "wsd"
+    run(toy_args(corpus_dir, tokenizer_dir, toy_config_dir, out, max_steps=5, eval_steps=0,
+                 num_samples=0) + ["--lr_scheduler_type", "warmup_stable_decay",
+                                   "--lr_scheduler_kwargs", '{"num_decay_steps": 2}'])
+    cfg = TrainingConfig(output_dir="x", max_steps=5, warmup_steps=2, learning_rate=3e-3,
+                         min_lr=3e-4, lr_scheduler_type="warmup_stable_decay",
+                         lr_scheduler_kwargs={"num_decay_steps": 2})
+    logged = [r["lr"] for r in metrics(out) if "lr" in r]
+    assert logged == [optim.lr_at(s, cfg) for s in range(5)] == \
+        pytest.approx([1.5e-3, 3e-3, 3e-3, 3e-3, 1.65e-3])
+    saved = yaml.safe_load((out / "run_config.yaml").read_text())["training"]
+    assert saved["lr_scheduler_kwargs"] == {"num_decay_steps": 2}
