@@ -10,7 +10,8 @@ exactly: model and optimizer (and grad scaler) as the run's backend saves them
 folder), each rank's RNG states, each rank's data-pipeline state, and
 `trainer_state.json` (the loop's counters, the tracker's run id, and what must match on resume).
 It is written under `.step-<N>.tmp`, flushed, listed with its file sizes (and the name of the
-backend that wrote `state/`) in `manifest.json` and only then renamed into place; `latest` is the newest checkpoint whose manifest checks out.
+backend that wrote `state/`) in `manifest.json` and only then renamed into place; `latest` is
+the newest checkpoint whose manifest checks out.
 """
 
 from __future__ import annotations

@@ -6,8 +6,8 @@
 A checkpoint's weights are read from its training state (`state/`, what a resume loads), not
 copied from the HF files beside it, so the export is exactly the model training would continue
 from. The manifest names the backend that wrote the state, and that backend reads it back
-(clm.parallel, `weights_from_state`): `state/model.safetensors` for DDP and single-process runs, and for DeepSpeed ZeRO-1/2/3
-the fp32 master weights, whose partitions (one file per rank) are gathered back into whole
+(clm.parallel, `weights_from_state`): `state/model.safetensors` for DDP and single-process
+runs, and for DeepSpeed ZeRO-1/2/3 the fp32 master weights, whose partitions (one file per rank) are gathered back into whole
 tensors by DeepSpeed's own reader; for FSDP2 the torch.distributed.checkpoint folder
 (`state/dcp/`), read whole by torch's format converter. No GPU or process group is needed. A LoRA
 finetune's checkpoint is exported with its adapters merged into the base weights. The folder

@@ -14,8 +14,9 @@ the model has:
 A group carries its role and an `lr_scale`; the loop sets each group's learning rate to the
 schedule's value (`lr_at`: warmup, then --lr_scheduler_type, counted in optimizer steps) times
 that scale (`set_lr`), so an optimizer that wants other rates for some roles says so in its
-groups, not in the loop. AdamW (`adamw_torch`, the name TrainingArguments' `optim` gives torch's AdamW) decays
-the matrices (embeddings, head, hidden) and not the norms and biases, all at scale 1.
+groups, not in the loop. AdamW (`adamw_torch`, the name TrainingArguments' `optim` gives
+torch's AdamW) decays the matrices (embeddings, head, hidden) and not the norms and biases, all
+at scale 1.
 """
 
 from __future__ import annotations

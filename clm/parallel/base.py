@@ -133,8 +133,8 @@ class Backend:
         choices `s` (plan.Setup: precision, GPUs, ZeRO stage, offload, accumulation)."""
         raise NotImplementedError
 
-    @staticmethod
-    def weights_from_state(state_dir: Path) -> dict:
+    @classmethod
+    def weights_from_state(cls, state_dir: Path) -> dict:
         """Every weight (fp32 masters where the backend keeps them) of a training state this
         backend saved, read without a process group or a GPU: what `python -m clm.export`
         builds the exported model from."""

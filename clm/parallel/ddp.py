@@ -46,8 +46,8 @@ class DDPBackend(Backend):
             add("gradients", "DDP's gradient buckets", 4 * p)
         add("optimizer", opt.state, opt.state_bytes * p)
 
-    @staticmethod
-    def weights_from_state(state_dir: Path) -> dict:
+    @classmethod
+    def weights_from_state(cls, state_dir: Path) -> dict:
         from safetensors.torch import load_file
 
-        return load_file(DDPBackend._saved(state_dir, "model.safetensors"))
+        return load_file(cls._saved(state_dir, "model.safetensors"))

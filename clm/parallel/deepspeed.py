@@ -176,9 +176,9 @@ class DeepSpeedBackend(DDPBackend):
             add("gradients", "fp32 gradients", 4 * p / part(2), None, 2)
             add("optimizer", opt.state, opt.state_bytes * p / part(1), "optimizer", 1)
 
-    @staticmethod
-    def weights_from_state(state_dir: Path) -> dict:
-        DeepSpeedBackend._saved(state_dir, f"{ZERO_TAG}/*_model_states.pt")
+    @classmethod
+    def weights_from_state(cls, state_dir: Path) -> dict:
+        cls._saved(state_dir, f"{ZERO_TAG}/*_model_states.pt")
         return _zero_weights(Path(state_dir))
 
 

@@ -171,9 +171,9 @@ class FSDPBackend(Backend):
                 "micro-batches", 4 * p)
         add("optimizer", opt.state, opt.state_bytes * p / n, stage=3)
 
-    @staticmethod
-    def weights_from_state(state_dir: Path) -> dict:
-        return _fsdp_weights(FSDPBackend._saved(state_dir, f"{DCP_DIR}/.metadata").parent)
+    @classmethod
+    def weights_from_state(cls, state_dir: Path) -> dict:
+        return _fsdp_weights(cls._saved(state_dir, f"{DCP_DIR}/.metadata").parent)
 
 
 def _fsdp_weights(dcp_dir: Path) -> dict:
