@@ -26,9 +26,9 @@ from . import attention, checkpoint as ckpt, data, hub, loop, model as models, o
 from . import runtime
 from .config import TrainingConfig
 from .errors import TrainingError, UsageError
+from .metrics import MetricsLogger, peak_flops, read_metrics, wandb_run_id
 from .parallel import Backend, Topology
 from .parallel.launch import close_distributed, resolve_mixed_precision
-from .metrics import MetricsLogger, peak_flops, read_metrics, wandb_run_id
 from .record import RunRecord
 
 
