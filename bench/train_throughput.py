@@ -11,6 +11,15 @@ attention and compile setting, timed from its own per-step metrics after `--warm
 of a token array. Prints one JSON object: tokens/s, step time, the loop's data-wait fraction,
 MFU where the GPU's peak is known, peak memory, and ours / reference.
 `--vocab_size` pads the demo tokenizer with unused tokens so the model has GPT-2's vocabulary.
+
+    python bench/train_throughput.py --compare_optimizers             # AdamW against Muon
+    python bench/train_throughput.py --compare_optimizers --preset gpt2 --block_size 1024 \
+        --batch_size 16 --mixed_precision bf16 --vocab_size 50257     # on a GPU, at 124M
+
+--compare_optimizers instead alternates train_clm.main with --optim adamw_torch and muon
+(tokens/s of each, the ratio the median of the pairs'), and times `optimizer.step()` alone on
+the preset's model with random gradients (ms a step of each: Muon's Newton-Schulz against
+AdamW's fused kernel).
 """
 
 from __future__ import annotations
@@ -69,7 +78,7 @@ def ours(args, work: Path) -> dict:
             "--torch_compile", str(args.torch_compile), "--logging_steps", "1",
             "--eval_steps", "0", "--save_steps", "0", "--num_samples", "0",
             "--validation_split_tokens", str(args.block_size * 4),
-            "--dataloader_num_workers", str(args.workers)]
+            "--dataloader_num_workers", str(args.workers), "--optim", args.optim]
     run = train_clm.main(*parse_config([DataConfig, ModelConfig, TrainingConfig], argv))
     train = read_metrics(out, "train")
     timed = [r for r in train if r["step"] > args.warmup]
@@ -124,6 +133,40 @@ def reference(args) -> dict:
             "final_loss": out["losses"][-1]}
 
 
+def optimizer_steps(args) -> dict:
+    """ms per `optimizer.step()` of each optimizer on the preset's model, random gradients,
+    the two alternating `--steps` times after `--warmup` steps each."""
+    import torch
+    from transformers import AutoTokenizer, GPT2LMHeadModel
+
+    from clm import optim
+    from clm.config import TrainingConfig
+    from clm.model import padded_vocab, preset_config
+
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    vocab = padded_vocab(len(AutoTokenizer.from_pretrained(args.tokenizer)))
+    model = GPT2LMHeadModel(preset_config(args.preset, vocab)).to(device)
+    for p in model.parameters():
+        p.grad = torch.randn_like(p) * 1e-3
+    opts = {name: optim.make_optimizer(model, TrainingConfig(output_dir="x", optim=name),
+                                       fused=True) for name in ("adamw_torch", "muon")}
+    times = {name: [] for name in opts}
+    for i in range(args.warmup + args.steps):
+        for name, opt in opts.items():
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            start = time.perf_counter()
+            opt.step()
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            if i >= args.warmup:
+                times[name].append(time.perf_counter() - start)
+    ms = {name: round(1000 * statistics.median(t), 3) for name, t in times.items()}
+    return {"step_ms": ms, "muon_over_adamw": round(ms["muon"] / ms["adamw_torch"], 2),
+            "params": sum(p.numel() for p in model.parameters()),
+            "muon_params": sum(p.numel() for p in optim.roles(model)["hidden_matrices"])}
+
+
 def median_run(runs: list[dict]) -> dict:
     """The run of median tokens/s, with every run's tokens/s beside it."""
     ordered = sorted(runs, key=lambda r: r["tokens_per_sec"])
@@ -133,7 +176,8 @@ def median_run(runs: list[dict]) -> dict:
 
 def child(which: str, args) -> None:
     with tempfile.TemporaryDirectory(prefix="bench-tput-") as work:
-        result = ours(args, Path(work)) if which == "ours" else reference(args)
+        result = ours(args, Path(work)) if which == "ours" else \
+            optimizer_steps(args) if which == "steps" else reference(args)
     print("RESULT " + json.dumps(result), flush=True)
 
 
@@ -161,7 +205,11 @@ def main():
                    help="write ours' output folder (the trained model) here and keep it, "
                         "instead of in a temporary folder (bench/gpu_check.sh finetunes and "
                         "samples it)")
-    p.add_argument("--child", choices=["ours", "reference"], default=None, help=argparse.SUPPRESS)
+    p.add_argument("--optim", default="adamw_torch", help="--optim for ours")
+    p.add_argument("--compare_optimizers", action="store_true",
+                   help="ours with adamw_torch against ours with muon, and each step alone")
+    p.add_argument("--child", choices=["ours", "reference", "steps"], default=None,
+                   help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.child:
         return child(args.child, args)
@@ -172,23 +220,26 @@ def main():
         base = yaml.safe_load(open(args.config)).get("tokenizer_name")
         tok = padded_tokenizer(str(ROOT / base) if not os.path.isabs(base) and
                                (ROOT / base).exists() else base, args.vocab_size, Path(work))
+        def measure(which: str, *extra) -> dict:
+            cmd = [sys.executable, __file__, *sys.argv[1:], *extra, "--child", which,
+                   "--tokenizer", tok]
+            start = time.perf_counter()
+            proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT)
+            lines = [x for x in proc.stdout.splitlines() if x.startswith("RESULT ")]
+            if proc.returncode or not lines:
+                sys.exit(f"{which} failed:\n{proc.stderr[-4000:]}")
+            return {**json.loads(lines[-1][7:]), "wall_s": round(time.perf_counter() - start, 1)}
+
+        if args.compare_optimizers:
+            return compare_optimizers(args, measure)
         runs = {"ours": [], "reference": []}
         # ours and the reference alternate, `--repeats` times: a machine whose speed drifts
         # (other work, thermal limits) then slows both alike, and the ratio is the median of
         # the pairs' ratios
         for _ in range(args.repeats):
             for which in runs:
-                if args.only and which != args.only:
-                    continue
-                cmd = [sys.executable, __file__, *sys.argv[1:], "--child", which,
-                       "--tokenizer", tok]
-                start = time.perf_counter()
-                proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT)
-                lines = [x for x in proc.stdout.splitlines() if x.startswith("RESULT ")]
-                if proc.returncode or not lines:
-                    sys.exit(f"{which} failed:\n{proc.stderr[-4000:]}")
-                runs[which].append({**json.loads(lines[-1][7:]),
-                                    "wall_s": round(time.perf_counter() - start, 1)})
+                if not args.only or which == args.only:
+                    runs[which].append(measure(which))
     results = {which: median_run(r) for which, r in runs.items() if r}
     ratio = None
     if runs["ours"] and runs["reference"]:
@@ -203,6 +254,28 @@ def main():
                       "workers": args.workers, "vocab_size": args.vocab_size,
                       "timed_steps": args.steps, "repeats": args.repeats, "warmup_steps": args.warmup, **results,
                       "ours_over_reference": ratio}, indent=1))
+
+
+def compare_optimizers(args, measure) -> None:
+    """train_clm.main with AdamW and with Muon, alternating; then each optimizer's step alone."""
+    import torch
+
+    runs = {"adamw_torch": [], "muon": []}
+    for _ in range(args.repeats):
+        for name in runs:
+            runs[name].append(measure("ours", "--optim", name))
+    ratio = round(statistics.median(m["tokens_per_sec"] / a["tokens_per_sec"]
+                                    for a, m in zip(runs["adamw_torch"], runs["muon"])), 3)
+    device = torch.cuda.get_device_name() if torch.cuda.is_available() else \
+        f"cpu ({os.cpu_count()} cores, {torch.get_num_threads()} threads)"
+    steps = measure("steps")
+    print(json.dumps({"bench": "train_throughput", "compare": "optimizers", "device": device,
+                      "preset": args.preset, "block_size": args.block_size,
+                      "batch_size": args.batch_size, "mixed_precision": args.mixed_precision,
+                      "timed_steps": args.steps, "repeats": args.repeats,
+                      **{name: median_run(r) for name, r in runs.items()},
+                      "muon_over_adamw_tokens_per_sec": ratio, "optimizer_step": steps},
+                     indent=1))
 
 
 if __name__ == "__main__":

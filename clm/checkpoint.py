@@ -244,6 +244,9 @@ def check_fingerprint(saved: dict, current: dict, path: Path) -> None:
             if "." in key:  # an option of one of the run's configs
                 fix = (f"use the same --{key.partition('.')[2]}, or start a new run in "
                        "another --output_dir")
+            if key == "training.optim":  # asked for: the weights go on, the optimizer anew
+                fix = (f"use the same --optim, or continue its weights with a new optimizer: "
+                       f"--model_name_or_path {path} in another --output_dir")
             raise CheckpointError(f"cannot resume from {path}: it has {key}={value} but this run "
                                   f"has {key}={current.get(key)} ({fix})")
 

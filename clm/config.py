@@ -23,7 +23,7 @@ from .errors import TrainingError, UsageError  # re-exported: scripts and tests 
 
 
 # --optim's values; clm/optim.py implements each (a test holds the two together)
-OPTIM_CHOICES = ("adamw_torch",)
+OPTIM_CHOICES = ("adamw_torch", "adamw_torch_fused", "muon")
 # --lr_scheduler_type's values (clm/optim.py: lr_at), and the settings each takes
 SCHEDULES = {"cosine_with_min_lr": (), "cosine": (), "linear": (), "constant_with_warmup": (),
              "warmup_stable_decay": ("num_decay_steps", "decay_ratio", "decay_type")}
@@ -156,8 +156,22 @@ class ModelConfig:
         default=None)
     attn_implementation: str = _help("sdpa (default), eager or flash_attention_2.",
                                      default="sdpa")
+    untie_word_embeddings: bool = _help(
+        "From scratch: give the model its own output head instead of reusing the token "
+        "embedding (the config's tie_word_embeddings false; 38.6M more parameters at 124M).",
+        default=False)
+    zero_init_head: bool = _help(
+        "With --untie_word_embeddings: start the output head at zero (modded-nanogpt's "
+        "choice: every logit 0, a uniform prediction, at step 0).", default=False)
 
     def __post_init__(self):
+        if self.zero_init_head and not self.untie_word_embeddings:
+            raise UsageError("--zero_init_head needs --untie_word_embeddings (a tied head is the "
+                             "token embedding, which cannot start at zero)")
+        if self.untie_word_embeddings and self.model_name_or_path:
+            raise UsageError("--untie_word_embeddings applies to a model trained from scratch; "
+                             f"--model_name_or_path {self.model_name_or_path} keeps the head its "
+                             "config has (drop --untie_word_embeddings)")
         if self.model_preset not in PRESETS:
             raise UsageError(f"unknown --model_preset '{self.model_preset}' "
                              f"(choose one of {', '.join(PRESETS)})")
@@ -198,9 +212,25 @@ class TrainingConfig:
         "JSON (or a YAML mapping) of the schedule's settings. warmup_stable_decay: "
         "num_decay_steps (or decay_ratio, the share of --max_steps; default 0.2) and "
         "decay_type linear, cosine or 1-sqrt (default linear).", default=None)
-    optim: str = _help("Optimizer (clm/optim.py; TrainingArguments' name): adamw_torch, torch's "
-                       "AdamW, fused where the device has the kernel.", default="adamw_torch")
-    weight_decay: float = _help("AdamW weight decay, on matrices only.", default=0.1)
+    optim: str = _help(
+        "Optimizer (clm/optim.py; TrainingArguments' names): adamw_torch (torch's AdamW, fused "
+        "where the backend allows), adamw_torch_fused (the fused kernel or an error), or muon "
+        "(torch.optim.Muon on the transformer blocks' weight matrices, AdamW on embeddings, "
+        "head, norms and biases).", default="adamw_torch")
+    muon_lr_ratio: float = _help(
+        "--optim muon: Muon's peak rate is --learning_rate times this (its update RMS is matched "
+        "to AdamW's, so 1 carries AdamW's rate over; bench/learning_efficiency.py tunes it).",
+        default=1.0)
+    muon_momentum: float = _help("--optim muon: Muon's momentum (Nesterov).", default=0.95)
+    muon_momentum_warmup_steps: int = _help(
+        "--optim muon: raise Muon's momentum linearly from 0.85 to --muon_momentum over this "
+        "many steps (0: constant).", default=0)
+    muon_split_qkv: bool = _help(
+        "--optim muon: orthogonalise a fused QKV matrix (GPT-2's c_attn) as three matrices "
+        "instead of one.", default=False)
+    muon_ns_steps: int = _help("--optim muon: Newton-Schulz iterations per update.", default=5)
+    weight_decay: float = _help("Decoupled weight decay, on matrices only (AdamW's and Muon's).",
+                                default=0.1)
     adam_beta1: float = _help("AdamW beta1.", default=0.9)
     adam_beta2: float = _help("AdamW beta2.", default=0.95)
     adam_epsilon: float = _help("AdamW epsilon.", default=1e-8)
@@ -314,6 +344,7 @@ class TrainingConfig:
         if self.optim not in OPTIM_CHOICES:
             raise UsageError(f"unknown --optim '{self.optim}' (choose "
                              f"{', '.join(OPTIM_CHOICES)})")
+        self._check_muon()
         if self.mixed_precision not in (None, "no", "bf16", "fp16"):
             raise UsageError(f"unknown --mixed_precision '{self.mixed_precision}' "
                              "(choose no, bf16 or fp16)")
@@ -334,6 +365,17 @@ class TrainingConfig:
         if self.fsdp and self.deepspeed:
             raise UsageError("--fsdp and --deepspeed both given (choose one)")
         self._check_dry_run()
+
+    def _check_muon(self):
+        if self.muon_lr_ratio <= 0:
+            raise UsageError(f"--muon_lr_ratio must be > 0 (got {self.muon_lr_ratio})")
+        if not 0 <= self.muon_momentum < 1:
+            raise UsageError(f"--muon_momentum must be in [0, 1) (got {self.muon_momentum})")
+        if self.muon_momentum_warmup_steps < 0:
+            raise UsageError("--muon_momentum_warmup_steps must be >= 0 (got "
+                             f"{self.muon_momentum_warmup_steps})")
+        if not 1 <= self.muon_ns_steps < 100:
+            raise UsageError(f"--muon_ns_steps must be in 1-99 (got {self.muon_ns_steps})")
 
     def _check_dry_run(self):
         if not 0 < self.dry_run_mfu <= 1:

@@ -121,14 +121,32 @@ def iter_documents(packages=DEFAULT_PACKAGES, min_chars: int = 200, processes: i
                 yield text
 
 
+def iter_source_documents(packages=("stdlib",), min_chars: int = 200):
+    """Yield one document per module: its whole source (code and comments), each distinct file
+    once. A second corpus unlike the prose one (bench/learning_efficiency.py --corpus code)."""
+    seen: set[bytes] = set()
+    for name, root in package_roots(packages):
+        for _, path in _module_files(name, root):
+            try:
+                text = path.read_text(encoding="utf-8")
+            except (UnicodeDecodeError, OSError):
+                continue
+            key = hashlib.blake2b(text.encode(), digest_size=16).digest()
+            if len(text) >= min_chars and key not in seen:
+                seen.add(key)
+                yield text
+
+
 def build_corpus(output_dir: str | Path, packages=DEFAULT_PACKAGES, num_shards: int = 4,
-                 rows_per_group: int = 128, max_bytes: int | None = 10_000_000) -> dict:
-    """Write the corpus as OpenWebText-like parquet shards; returns a summary."""
+                 rows_per_group: int = 128, max_bytes: int | None = 10_000_000,
+                 documents=None) -> dict:
+    """Write the corpus as OpenWebText-like parquet shards; returns a summary. `documents`:
+    the texts to write instead of the packages' prose (e.g. `iter_source_documents()`)."""
     import pyarrow as pa
     import pyarrow.parquet as pq
 
     docs, size = [], 0
-    for doc in iter_documents(packages):
+    for doc in documents if documents is not None else iter_documents(packages):
         docs.append(doc)
         size += len(doc.encode())
         if max_bytes and size >= max_bytes:

@@ -227,8 +227,7 @@ def train(cfg: TrainingConfig, backend: Backend, model, optimizer, batches, stat
         window = _Window()
         run_start = time.perf_counter() - state.elapsed_s
         while state.step < cfg.max_steps:
-            lr = optim.lr_at(state.step, cfg)
-            optim.set_lr(optimizer, lr)  # each group: the schedule's rate x its lr_scale
+            lr = optim.apply_schedule(optimizer, state.step, cfg)  # each group: x its lr_scale
             wait = time.perf_counter()
             micro = [next(data) for _ in range(cfg.gradient_accumulation_steps)]
             window.data_s += time.perf_counter() - wait

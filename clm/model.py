@@ -44,6 +44,12 @@ def preset_config(name: str, vocab_size: int, bos_token_id: int | None = None,
                       eos_token_id=eos_token_id)
 
 
+def head_options(config, cfg: ModelConfig) -> None:
+    """--untie_word_embeddings on a from-scratch `config` (the run's and --dry_run's)."""
+    if cfg.untie_word_embeddings:
+        config.tie_word_embeddings = False
+
+
 def check_block_size(config, block_size: int) -> None:
     """--block_size within the positions of the model `config` describes (any causal LM's)."""
     positions = getattr(config, "n_positions", None) or \
@@ -93,9 +99,13 @@ def build_model(cfg: ModelConfig, tokenizer, block_size: int):
                                    tokenizer.eos_token_id)
         config.use_cache = False
         config.dtype = torch.float32  # what GPT2LMHeadModel(config) builds, whatever it said
+        head_options(config, cfg)
         model = GPT2LMHeadModel(config) if config.model_type == "gpt2" else \
             AutoModelForCausalLM.from_config(config, **kwargs)
         model.set_attn_implementation(cfg.attn_implementation)
+        if cfg.zero_init_head:
+            with torch.no_grad():
+                model.get_output_embeddings().weight.zero_()
     use_fast_gelu(model)
     check_fits(model, tokenizer, block_size)
     set_generation_defaults(model, tokenizer)

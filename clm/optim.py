@@ -1,22 +1,33 @@
 """The optimizer as one component: parameter groups by role, the learning-rate schedule applied
 per group, the fused-kernel choice, its state bytes for `--dry_run`, and what a resume must match.
 
-    python train_clm.py --config configs/demo_cpu.yaml --optim adamw_torch --weight_decay 0.1
+    python train_clm.py --config configs/demo_cpu.yaml --optim muon --muon_lr_ratio 2
 
 Every trainable parameter has one role, and the optimizer gets one param group per role that
-the model has:
+the model has (Muon splits the hidden matrices further by layout, below):
 
     embeddings        token and position embeddings (GPT-2's head is tied to the token one)
-    head              an untied output projection
+    head              an untied output projection (--untie_word_embeddings)
     hidden_matrices   the transformer blocks' weight matrices
     norms_and_biases  LayerNorm weights and biases, and every bias
 
 A group carries its role and an `lr_scale`; the loop sets each group's learning rate to the
 schedule's value (`lr_at`: warmup, then --lr_scheduler_type, counted in optimizer steps) times
-that scale (`set_lr`), so an optimizer that wants other rates for some roles says so in its
-groups, not in the loop. AdamW (`adamw_torch`, the name TrainingArguments' `optim` gives
-torch's AdamW) decays the matrices (embeddings, head, hidden) and not the norms and biases, all
-at scale 1.
+that scale (`apply_schedule`), so an optimizer that wants other rates for some roles says so in
+its groups, not in the loop.
+
+- adamw_torch / adamw_torch_fused (TrainingArguments' names): torch's AdamW on every group,
+  decaying the matrices (embeddings, head, hidden) and not the norms and biases. adamw_torch
+  takes the fused kernel where the backend allows it (as TrainingArguments' default does on
+  torch >= 2.8); adamw_torch_fused asks for it, a one-line error where the backend cannot.
+- muon: `MuonWithAdamW`, torch.optim.Muon's update (momentum, Newton-Schulz orthogonalisation,
+  `adjust_lr_fn="match_rms_adamw"`) on the hidden matrices and AdamW on the rest, in one
+  optimizer (one state_dict, one step, what Accelerate, checkpoints and FSDP2 expect). Matched
+  to AdamW's update RMS (Moonlight), Muon's rate is --learning_rate x --muon_lr_ratio and its
+  weight decay --weight_decay. HF's `Conv1D` keeps its weight as (in, out), the transpose of
+  `nn.Linear`'s: each matrix is orthogonalised in Linear's (out, in) layout, so the shape-based
+  rate adjustment sees the layer's real fan-out and fan-in, and GPT-2's fused QKV matrix can be
+  split into its three (--muon_split_qkv).
 """
 
 from __future__ import annotations
@@ -25,20 +36,44 @@ import math
 from typing import NamedTuple
 
 import torch
+from torch.optim._muon import _adjust_lr, _zeropower_via_newtonschulz
 
 from .config import OPTIM_CHOICES, TrainingConfig
+from .errors import UsageError
 
 ROLES = ("embeddings", "head", "hidden_matrices", "norms_and_biases")
+# modules whose weight is three projections (query, key, value) stacked along the output
+FUSED_QKV = ("c_attn", "qkv_proj", "query_key_value", "Wqkv")
 
 
 class Optimizer(NamedTuple):
-    state_bytes: int    # optimizer state per trainable parameter (fp32 masters not counted)
-    state: str          # what that state is, as --dry_run lists it
-    fused: bool         # has a fused kernel (one launch over all parameters)
+    state_bytes: int         # optimizer state per parameter AdamW updates (fp32 masters not counted)
+    matrix_state_bytes: int  # ... per hidden-matrix parameter
+    state: str               # what that state is, as --dry_run lists it
+    fused: bool              # has a fused kernel (one launch over all parameters)
 
 
-OPTIMIZERS = {"adamw_torch": Optimizer(8, "AdamW's two fp32 moments", True)}
+OPTIMIZERS = {
+    "adamw_torch": Optimizer(8, 8, "AdamW's two fp32 moments", True),
+    "adamw_torch_fused": Optimizer(8, 8, "AdamW's two fp32 moments", True),
+    "muon": Optimizer(8, 4, "Muon's fp32 momentum on the block matrices, AdamW's two fp32 "
+                      "moments on the rest", True),
+}
 assert set(OPTIMIZERS) == set(OPTIM_CHOICES), "config.OPTIM_CHOICES and OPTIMIZERS differ"
+
+
+class StateSize(NamedTuple):
+    """An optimizer's state for one model, as the planner's backends count it."""
+    state_bytes: float  # mean bytes a parameter
+    state: str
+
+
+def state_size(name: str, params: int, hidden_matrices: int) -> StateSize:
+    """`--optim name`'s state for a model of `params` parameters, `hidden_matrices` of them in
+    the blocks' weight matrices (Muon keeps one buffer for those, AdamW two for the rest)."""
+    opt = OPTIMIZERS[name]
+    total = opt.matrix_state_bytes * hidden_matrices + opt.state_bytes * (params - hidden_matrices)
+    return StateSize(total / max(1, params), opt.state)
 
 
 def lr_at(step: int, cfg: TrainingConfig) -> float:
@@ -73,10 +108,30 @@ def lr_at(step: int, cfg: TrainingConfig) -> float:
     return floor + 0.5 * (1 + math.cos(math.pi * progress)) * (peak - floor)
 
 
+def muon_momentum_at(step: int, cfg: TrainingConfig) -> float:
+    """Muon's momentum at `step`: from 0.85 up to --muon_momentum over
+    --muon_momentum_warmup_steps (modded-nanogpt's warmup), then constant."""
+    if step >= cfg.muon_momentum_warmup_steps:
+        return cfg.muon_momentum
+    frac = step / cfg.muon_momentum_warmup_steps
+    return (1 - frac) * min(0.85, cfg.muon_momentum) + frac * cfg.muon_momentum
+
+
 def set_lr(optimizer, lr: float) -> None:
     """Each group's learning rate: the schedule's `lr` times the group's `lr_scale`."""
     for group in optimizer.param_groups:
         group["lr"] = lr * group.get("lr_scale", 1.0)
+
+
+def apply_schedule(optimizer, step: int, cfg: TrainingConfig) -> float:
+    """Set step `step`'s learning rates (and Muon's momentum); returns the schedule's rate.
+    Both are pure functions of the step, so a resumed run sets what the first run did."""
+    lr = lr_at(step, cfg)
+    set_lr(optimizer, lr)
+    for group in optimizer.param_groups:
+        if group.get("muon"):
+            group["momentum"] = muon_momentum_at(step, cfg)
+    return lr
 
 
 def roles(model) -> dict[str, list[torch.nn.Parameter]]:
@@ -101,14 +156,41 @@ def roles(model) -> dict[str, list[torch.nn.Parameter]]:
     return out
 
 
+def matrix_layouts(model, params, split_qkv: bool) -> dict[int, tuple[bool, int]]:
+    """{id(param): (transposed, pieces)}: whether the weight is stored (in, out) as HF's
+    `Conv1D` keeps it, and into how many matrices it splits along its output (3 for a fused
+    QKV projection when `split_qkv`, else 1)."""
+    from transformers.pytorch_utils import Conv1D
+
+    wanted = {id(p) for p in params}
+    out = {}
+    for name, module in model.named_modules():
+        for p in module.parameters(recurse=False):
+            if id(p) in wanted and id(p) not in out:
+                fused = split_qkv and name.rsplit(".", 1)[-1] in FUSED_QKV
+                out[id(p)] = (isinstance(module, Conv1D), 3 if fused else 1)
+    return out
+
+
 def param_groups(model, cfg: TrainingConfig) -> list[dict]:
-    """One group per role the model has: its parameters, role, weight decay and lr_scale."""
+    """One group per role the model has: its parameters, role, weight decay and lr_scale.
+    Under Muon the hidden matrices are Muon's (`muon: True`), one group per (layout, pieces)."""
     groups = []
     for role, params in roles(model).items():
-        if params:
-            decay = 0.0 if role == "norms_and_biases" else cfg.weight_decay
+        if not params:
+            continue
+        decay = 0.0 if role == "norms_and_biases" else cfg.weight_decay
+        if role != "hidden_matrices" or cfg.optim != "muon":
             groups.append({"params": params, "role": role, "weight_decay": decay,
-                           "lr_scale": 1.0})
+                           "lr_scale": 1.0, "muon": False})
+            continue
+        layouts = matrix_layouts(model, params, cfg.muon_split_qkv)
+        for layout in dict.fromkeys(layouts[id(p)] for p in params):
+            groups.append({"params": [p for p in params if layouts[id(p)] == layout],
+                           "role": role, "weight_decay": decay, "lr_scale": cfg.muon_lr_ratio,
+                           "muon": True, "transposed": layout[0], "pieces": layout[1],
+                           "momentum": cfg.muon_momentum, "nesterov": True,
+                           "ns_steps": cfg.muon_ns_steps})
     return groups
 
 
@@ -117,8 +199,93 @@ def make_optimizer(model, cfg: TrainingConfig, fused: bool = False) -> torch.opt
 
     `fused`: whether the backend allows fused kernels on the device the parameters will live
     on (`Backend.fused_optimizer`; the optimizer is built before `prepare` moves them); used
-    where the optimizer has one.
+    where the optimizer has one, required by adamw_torch_fused.
     """
-    return torch.optim.AdamW(param_groups(model, cfg), lr=cfg.learning_rate,
-                             betas=(cfg.adam_beta1, cfg.adam_beta2), eps=cfg.adam_epsilon,
-                             fused=fused and OPTIMIZERS[cfg.optim].fused)
+    if cfg.optim == "adamw_torch_fused" and not fused:
+        raise UsageError("--optim adamw_torch_fused: this backend cannot use the fused AdamW "
+                         "kernel here (fp16 under FSDP's loss scaler, or a device without it); "
+                         "use --optim adamw_torch")
+    kind = MuonWithAdamW if cfg.optim == "muon" else torch.optim.AdamW
+    return kind(param_groups(model, cfg), lr=cfg.learning_rate,
+                betas=(cfg.adam_beta1, cfg.adam_beta2), eps=cfg.adam_epsilon,
+                fused=fused and OPTIMIZERS[cfg.optim].fused)
+
+
+class MuonWithAdamW(torch.optim.AdamW):
+    """torch.optim.Muon's update on the groups marked `muon`, torch.optim.AdamW's on the others,
+    as one optimizer: one state (`momentum_buffer` for a Muon matrix, AdamW's moments and step
+    for the rest), one state_dict, one step.
+
+    A Muon group also holds `transposed` (the weight is stored (in, out), as HF's Conv1D keeps
+    it), `pieces` (matrices stacked along the output, orthogonalised one by one), `momentum`,
+    `nesterov` and `ns_steps`. A parameter sharded by FSDP2 (a DTensor) has its update gathered
+    whole for the Newton-Schulz step, and each rank applies its own rows of the result.
+    """
+
+    ADJUST_LR = "match_rms_adamw"  # update RMS matched to AdamW's: its lr and decay carry over
+
+    def __init__(self, params, **adamw):
+        super().__init__(params, **adamw)
+        # fp16: the GradScaler must unscale, check for inf/NaN and skip the whole step itself.
+        # Fused AdamW would take the overflow flag and skip on its own, but Muon's half would
+        # step on the bad gradients.
+        self._step_supports_amp_scaling = False
+
+    def __setstate__(self, state):
+        # Adam's own fix-ups expect AdamW's state ("step") on every parameter: show it the AdamW
+        # groups only
+        groups = state["param_groups"]
+        super().__setstate__({**state, "param_groups": [g for g in groups if not g.get("muon")]})
+        self.param_groups = groups
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        groups = self.param_groups
+        self.param_groups = [g for g in groups if not g.get("muon")]
+        try:
+            super().step()
+        finally:
+            self.param_groups = groups
+        for group in groups:
+            if group.get("muon"):
+                for p in group["params"]:
+                    if p.grad is not None:
+                        self._muon_update(p, group)
+        return loss
+
+    def _muon_update(self, p, group) -> None:
+        state = self.state[p]
+        if "momentum_buffer" not in state:
+            state["momentum_buffer"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+        buf, momentum = state["momentum_buffer"], group["momentum"]
+        buf.lerp_(p.grad, 1 - momentum)
+        update = p.grad.lerp(buf, momentum) if group["nesterov"] else buf
+        lr = group["lr"]
+        sharded = hasattr(update, "full_tensor")  # an FSDP2 DTensor
+        if sharded:
+            update = update.full_tensor()
+        # the step to subtract, in the weight's own layout; for a DTensor a full-size buffer
+        # of which each rank applies its own rows
+        target = torch.zeros_like(update) if sharded else p
+        p.mul_(1 - lr * group["weight_decay"])
+        as_linear = (lambda t: t.T) if group["transposed"] else (lambda t: t)
+        for out, piece in zip(as_linear(target).chunk(group["pieces"]),
+                              as_linear(update).chunk(group["pieces"])):
+            ortho = _zeropower_via_newtonschulz(piece, (3.4445, -4.775, 2.0315),
+                                                group["ns_steps"], 1e-7)
+            out.add_(ortho, alpha=-_adjust_lr(lr, self.ADJUST_LR, out.shape))
+        if sharded:
+            p.to_local().add_(_local_part(target, p))
+
+
+def _local_part(full: torch.Tensor, dtensor) -> torch.Tensor:
+    """This rank's shard of `full`, a tensor of `dtensor`'s global shape."""
+    from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
+
+    shape, offset = compute_local_shape_and_global_offset(
+        dtensor.shape, dtensor.device_mesh, dtensor.placements)
+    return full[tuple(slice(o, o + s) for o, s in zip(offset, shape))]

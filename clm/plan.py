@@ -30,11 +30,10 @@ from typing import Callable, NamedTuple
 
 import torch
 
-from . import model as models
+from . import model as models, optim
 from .config import DataConfig, ModelConfig, TrainingConfig
 from .errors import UsageError, first_line
 from .metrics import PEAK_FLOPS
-from .optim import OPTIMIZERS
 from .parallel import BACKENDS
 from .parallel.launch import Topology
 
@@ -72,6 +71,7 @@ class Shape:
     largest_block: int = 0
     root_params: int = 0
     checkpoint_dtype: str | None = None   # the dtype a --model_name_or_path config records
+    hidden_matrices: int = 0    # parameters in the blocks' weight matrices (Muon's, under muon)
 
 
 def tokenizer_vocab(name: str | None) -> tuple[int, str]:
@@ -120,8 +120,10 @@ def model_config(data_cfg: DataConfig, model_cfg: ModelConfig):
     if model_cfg.config_name:
         config = _local_config(model_cfg.config_name, "--config_name")
         config.vocab_size = padded
-        return config, note
-    return models.preset_config(model_cfg.model_preset, padded), note
+    else:
+        config = models.preset_config(model_cfg.model_preset, padded)
+    models.head_options(config, model_cfg)
+    return config, note
 
 
 def meta_model(config):
@@ -172,7 +174,8 @@ def shape_of(model, name: str, block_size: int, vocab_note: str = "",
                                    default=0),
                  root_params=sum(p.numel() for p in model.parameters()
                                  if id(p) not in in_blocks) if blocks else 0,
-                 checkpoint_dtype=checkpoint_dtype)
+                 checkpoint_dtype=checkpoint_dtype,
+                 hidden_matrices=sum(p.numel() for p in optim.roles(model)["hidden_matrices"]))
 
 
 # --- how the run is set up
@@ -307,7 +310,7 @@ class MemoryContext(NamedTuple):
     c: int              # bytes of a value in the compute dtype
     dt: str             # the compute dtype's name
     masters: str        # a note on the fp32 masters of a 16-bit checkpoint ("" for fp32)
-    opt: object         # the optimizer (optim.Optimizer): its state bytes and description
+    opt: object         # the optimizer's state (optim.StateSize): bytes a parameter, description
 
 
 def memory_terms(shape: Shape, s: Setup) -> list[tuple[str, str, float, str | None]]:
@@ -322,7 +325,7 @@ def memory_terms(shape: Shape, s: Setup) -> list[tuple[str, str, float, str | No
     """
     p, n, z = shape.params, s.num_gpus, s.shard
     c = 2 if s.half else 4  # bytes of a value in the compute dtype
-    opt = OPTIMIZERS[s.optim]  # its state: opt.state_bytes a parameter
+    opt = optim.state_size(s.optim, p, shape.hidden_matrices)  # opt.state_bytes a parameter
     dt = s.precision if s.half else "fp32"
     terms = []
 

@@ -10,7 +10,9 @@ only the batches differ (clm/sft/): padded examples (or, with --packing, rows of
 examples kept apart) whose loss covers completions and assistant turns unless
 --completion_only_loss false. --eval_metrics scores greedy completions of held-out prompts
 (clm/task_eval.py) at every evaluation, from step 0. --use_peft trains LoRA adapters instead
-and, unless --merge_adapters false, writes the final model with them merged in.
+and, unless --merge_adapters false, writes the final model with them merged in. The optimizer
+stays AdamW unless --optim says otherwise: Moonlight found Muon gains nothing when finetuning an
+AdamW-pretrained model.
 """
 
 from __future__ import annotations

@@ -201,3 +201,56 @@ def test_only_the_launch_module_reads_ranks_from_the_environment():
     found = [str(p.relative_to(ROOT)) for p in sorted((ROOT / "clm").rglob("*.py"))
              if readers.search(p.read_text())]
     assert found == ["clm/parallel/launch.py"]
+
+
+@pytest.mark.slow
+def test_learning_efficiency_recipe_table(tmp_path, corpus_dir, tokenizer_dir):
+    """--compare recipes: each recipe's grid, its best on every seed, the fractions of the
+    tokens, and the runs kept in --results (a rerun trains nothing again)."""
+    results = tmp_path / "runs.jsonl"
+    cmd = [sys.executable, "bench/learning_efficiency.py", "--compare", "recipes",
+           "--recipes", "adamw_cosine,muon_wsd", "--config",
+           str(write_config(tmp_path, corpus_dir, tokenizer_dir)), "--sizes", "tiny", "--seeds",
+           "2", "--max_steps", "4", "--batch_size", "4", "--block_size", "32", "--results",
+           str(results), "--", "--shuffle_buffer_blocks", "16"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    result = json.loads(proc.stdout[proc.stdout.index("{"):proc.stdout.rindex("}") + 1])
+    adamw, muon = result["recipes"]["adamw_cosine"], result["recipes"]["muon_wsd"]
+    assert list(adamw["grid"]["learning_rate"]) == ["0.001", "0.002", "0.004"]
+    assert list(muon["grid"]["muon_lr_ratio"]) == ["1.0", "2.0", "4.0"]
+    assert "--optim" in muon["options"] and "warmup_stable_decay" in muon["options"]
+    assert len(adamw["losses_by_seed"]) == 2 and result["target"] == pytest.approx(
+        sum(adamw["losses_by_seed"]) / 2, abs=1e-4)
+    assert set(muon["loss_at_fraction"]) >= {"0.5", "0.7", "1.0"}
+    assert "muon_wsd" in proc.stdout.splitlines()[-1] or "muon_wsd" in proc.stdout
+    runs = len(results.read_text().splitlines())
+    assert runs >= 3 + 1 + 3 + 1 + 2  # grids, second seeds, fractions
+    again = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, timeout=600)
+    assert again.returncode == 0 and len(results.read_text().splitlines()) == runs
+    assert "train:" not in again.stderr, "every run read back, none trained"
+
+
+def test_tokens_to_reach_interpolates_between_fractions():
+    sys.path.insert(0, str(ROOT / "bench"))
+    from learning_efficiency import tokens_to_reach
+
+    assert tokens_to_reach(5.0, {0.5: 5.2, 0.7: 4.9, 1.0: 4.8}) == pytest.approx(0.5 + 0.2 * 2 / 3)
+    assert tokens_to_reach(5.0, {0.5: 4.9, 1.0: 4.8}) == 0.5
+    assert tokens_to_reach(4.0, {0.5: 4.9, 1.0: 4.8}) is None
+
+
+@pytest.mark.slow
+def test_train_throughput_compares_the_optimizers(tmp_path, corpus_dir, tokenizer_dir):
+    proc = subprocess.run(
+        [sys.executable, "bench/train_throughput.py", "--compare_optimizers", "--config",
+         str(write_config(tmp_path, corpus_dir, tokenizer_dir)), "--block_size", "32",
+         "--batch_size", "4", "--warmup", "1", "--steps", "3", "--workers", "0",
+         "--repeats", "1"],
+        capture_output=True, text=True, cwd=ROOT, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    result = json.loads(proc.stdout)
+    assert result["adamw_torch"]["tokens_per_sec"] > 0 and result["muon"]["tokens_per_sec"] > 0
+    steps = result["optimizer_step"]
+    assert steps["step_ms"]["muon"] > 0 and steps["step_ms"]["adamw_torch"] > 0
+    assert 0 < steps["muon_params"] < steps["params"]

@@ -2,7 +2,7 @@
 
 import pyarrow.parquet as pq
 
-from clm.corpus import build_corpus, module_docstrings
+from clm.corpus import build_corpus, iter_source_documents, module_docstrings
 
 
 def test_build_is_deterministic_and_shaped_like_openwebtext(tmp_path):
@@ -27,3 +27,14 @@ def test_docstrings_are_read_without_running_code():
     source = 'import sys\nsys.exit(3)\ndef f():\n    """Say hi."""\nclass C:\n    """A class."""\n'
     assert module_docstrings(source) == ["Say hi.", "A class."]
     assert module_docstrings("def broken(:\n") == []
+
+
+def test_the_second_corpus_is_source_code_each_file_once(tmp_path):
+    """bench/learning_efficiency.py --corpus code: whole modules of the standard library."""
+    docs = list(iter_source_documents(["json"]))
+    assert len(docs) >= 4 and len(set(docs)) == len(docs)
+    assert any("def dumps(" in d for d in docs) and all(len(d) >= 200 for d in docs)
+    summary = build_corpus(tmp_path / "code", documents=iter(docs), num_shards=2)
+    texts = [t for f in sorted((tmp_path / "code" / "plain_text").glob("*.parquet"))
+             for t in pq.read_table(f)["text"].to_pylist()]
+    assert texts == docs and summary["documents"] == len(docs)

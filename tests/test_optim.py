@@ -78,7 +78,8 @@ def test_fused_only_where_the_backend_allows_it():
 
 def test_optim_choices_are_checked_and_each_is_implemented():
     assert set(OPTIM_CHOICES) == set(optim.OPTIMIZERS)
-    with pytest.raises(UsageError, match=r"unknown --optim 'sgd' \(choose adamw_torch\)"):
+    with pytest.raises(UsageError, match=r"unknown --optim 'sgd' \(choose adamw_torch, "
+                       r"adamw_torch_fused, muon\)"):
         TrainingConfig(output_dir="x", optim="sgd")
 
 
@@ -95,10 +96,19 @@ def test_the_planner_counts_the_optimizers_state_bytes(monkeypatch):
 
     assert optimizer_bytes(ddp) == 8 * p
     monkeypatch.setitem(optim.OPTIMIZERS, "adamw_torch",
-                        optim.OPTIMIZERS["adamw_torch"]._replace(state_bytes=4))
+                        optim.OPTIMIZERS["adamw_torch"]._replace(state_bytes=4,
+                                                                 matrix_state_bytes=4))
     assert optimizer_bytes(ddp) == 4 * p
     fsdp = replace(ddp, backend="fsdp", shard=3, num_gpus=4)
     assert optimizer_bytes(fsdp) == 4 * p / 4
+    # Muon: one fp32 momentum buffer on the block matrices, AdamW's two moments elsewhere
+    matrices = sum(m.weight.numel() for b in gpt2().transformer.h
+                   for m in (b.attn.c_attn, b.attn.c_proj, b.mlp.c_fc, b.mlp.c_proj))
+    assert shape.hidden_matrices == matrices
+    muon = replace(ddp, optim="muon")
+    assert optimizer_bytes(muon) == pytest.approx(4 * matrices + 8 * (p - matrices))
+    assert optimizer_bytes(replace(muon, backend="fsdp", shard=3, num_gpus=4)) == \
+        pytest.approx(optimizer_bytes(muon) / 4)
 
 
 
@@ -178,3 +188,226 @@ def test_the_run_logs_the_schedule_it_was_given(tmp_path, corpus_dir, tokenizer_
         pytest.approx([1.5e-3, 3e-3, 3e-3, 3e-3, 1.65e-3])
     saved = yaml.safe_load((out / "run_config.yaml").read_text())["training"]
     assert saved["lr_scheduler_kwargs"] == {"num_decay_steps": 2}
+
+
+# ----------------------------------------------------------------------------- Muon
+
+def muon_cfg(**kw):
+    return TrainingConfig(output_dir="x", optim="muon", learning_rate=1e-2, weight_decay=0.1,
+                          **kw)
+
+
+def no_dropout_gpt2(**kw):
+    return gpt2(resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, **kw)
+
+
+def test_muon_takes_the_block_matrices_and_adamw_the_rest():
+    model = no_dropout_gpt2(tie_word_embeddings=False)
+    opt = optim.make_optimizer(model, muon_cfg(muon_lr_ratio=2.0), fused=True)
+    assert isinstance(opt, optim.MuonWithAdamW)
+    muon = [g for g in opt.param_groups if g["muon"]]
+    adamw = [g for g in opt.param_groups if not g["muon"]]
+    assert names(model, [p for g in muon for p in g["params"]]) == \
+        names(model, optim.roles(model)["hidden_matrices"])
+    assert [g["role"] for g in adamw] == ["embeddings", "head", "norms_and_biases"]
+    assert all(g["transposed"] and g["pieces"] == 1 for g in muon), "GPT-2's Conv1D"
+    assert [g["weight_decay"] for g in muon] == [0.1] and adamw[-1]["weight_decay"] == 0.0
+    optim.apply_schedule(opt, 10 ** 6, muon_cfg(muon_lr_ratio=2.0, max_steps=10))
+    assert muon[0]["lr"] == pytest.approx(2 * adamw[0]["lr"]), "Muon's rate: ratio x AdamW's"
+
+    x = torch.randint(0, 64, (2, 16))
+    model(x, labels=x).loss.backward()
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    opt.step()
+    for name, p in model.named_parameters():
+        state = opt.state[p]
+        assert not torch.equal(p, before[name]), f"{name} was not updated"
+        if name.endswith(("c_attn.weight", "c_proj.weight", "c_fc.weight")):
+            assert set(state) == {"momentum_buffer"}, name
+        else:
+            assert set(state) == {"step", "exp_avg", "exp_avg_sq"}, name
+
+
+@pytest.mark.parametrize("adjust", ["match_rms_adamw", "original"])
+def test_a_conv1d_weight_gets_torch_muons_update_of_the_same_linear_weight(monkeypatch, adjust):
+    """HF's Conv1D stores (in, out), nn.Linear (out, in): our update of a Conv1D weight is the
+    transpose of torch.optim.Muon's update of the equivalent Linear weight, bit for bit, over
+    several steps of momentum. With "original" (rate scaled by sqrt(max(1, out/in))) a Muon
+    that took the stored layout as it is would scale a 32 -> 96 layer's step by 1, not
+    sqrt(3): the check below shows that it would differ."""
+    from transformers.pytorch_utils import Conv1D
+
+    monkeypatch.setattr(optim.MuonWithAdamW, "ADJUST_LR", adjust)
+    torch.manual_seed(0)
+    conv = Conv1D(96, 32)  # 32 in, 96 out; weight (32, 96)
+    linear = torch.nn.Linear(32, 96, bias=False)
+    naive = conv.weight.detach().clone().requires_grad_()
+    with torch.no_grad():
+        linear.weight.copy_(conv.weight.T)
+    ours = optim.MuonWithAdamW([{"params": [conv.weight], "muon": True, "transposed": True,
+                                 "pieces": 1, "momentum": 0.95, "nesterov": True,
+                                 "ns_steps": 5, "weight_decay": 0.1}], lr=0.02)
+    reference = torch.optim.Muon([linear.weight], lr=0.02, weight_decay=0.1,
+                                 adjust_lr_fn=adjust)
+    as_stored = torch.optim.Muon([naive], lr=0.02, weight_decay=0.1, adjust_lr_fn=adjust)
+    for _ in range(3):
+        grad = torch.randn(96, 32)
+        linear.weight.grad, conv.weight.grad, naive.grad = grad, grad.T.clone(), grad.T.clone()
+        ours.step(), reference.step(), as_stored.step()
+        assert torch.equal(conv.weight.T, linear.weight)
+    assert torch.equal(naive, conv.weight) == (adjust == "match_rms_adamw")
+
+
+def test_split_qkv_orthogonalises_query_key_and_value_apart():
+    """--muon_split_qkv: c_attn's update is torch.optim.Muon's of the three (out, in)
+    matrices it stacks, each apart."""
+    model = no_dropout_gpt2()
+    opt = optim.make_optimizer(model, muon_cfg(muon_split_qkv=True))
+    split = [g for g in opt.param_groups if g["muon"] and g["pieces"] == 3]
+    assert names(model, split[0]["params"]) == [f"transformer.h.{i}.attn.c_attn.weight"
+                                                for i in range(2)]
+    weight = model.transformer.h[0].attn.c_attn.weight       # (32 in, 96 out)
+    parts = [w.T.detach().clone().requires_grad_() for w in weight.detach().split(32, dim=1)]
+    reference = torch.optim.Muon(parts, lr=1e-2, weight_decay=0.1,
+                                 adjust_lr_fn="match_rms_adamw")
+    x = torch.randint(0, 64, (2, 16))
+    model(x, labels=x).loss.backward()
+    for part, g in zip(parts, weight.grad.split(32, dim=1)):
+        part.grad = g.T.clone()
+    optim.apply_schedule(opt, 10 ** 6, muon_cfg(muon_split_qkv=True, min_lr=1e-2,
+                                                max_steps=10))
+    opt.step(), reference.step()
+    assert torch.equal(weight.detach(), torch.cat([p.detach().T for p in parts], dim=1))
+
+
+def test_muon_state_round_trips_and_momentum_warms_up():
+    import copy
+
+    cfg = muon_cfg(muon_momentum_warmup_steps=10, muon_momentum=0.95)
+    assert [optim.muon_momentum_at(s, cfg) for s in (0, 5, 10, 50)] == \
+        pytest.approx([0.85, 0.9, 0.95, 0.95])
+    model = no_dropout_gpt2()
+    opt = optim.make_optimizer(model, cfg, fused=True)
+    x = torch.randint(0, 64, (2, 16))
+
+    def step(m, o, s):
+        optim.apply_schedule(o, s, cfg)
+        loss = m(x, labels=x).loss
+        loss.backward()
+        o.step()
+        o.zero_grad()
+        return loss.item()
+
+    for s in range(3):
+        step(model, opt, s)
+    assert [g["momentum"] for g in opt.param_groups if g["muon"]] == pytest.approx([0.87])
+    twin = copy.deepcopy(model)
+    resumed = optim.make_optimizer(twin, cfg, fused=True)
+    resumed.load_state_dict(copy.deepcopy(opt.state_dict()))
+    assert [step(model, opt, s) for s in range(3, 6)] == [step(twin, resumed, s)
+                                                           for s in range(3, 6)]
+    assert all(torch.equal(a, b) for a, b in zip(model.parameters(), twin.parameters()))
+
+
+def test_muon_options_are_checked():
+    for kw, message in [({"muon_lr_ratio": 0}, "--muon_lr_ratio must be > 0"),
+                        ({"muon_momentum": 1.0}, "--muon_momentum must be in [0, 1)"),
+                        ({"muon_ns_steps": 0}, "--muon_ns_steps must be in 1-99")]:
+        with pytest.raises(UsageError, match=message.replace("[", r"\[").replace(")", r"\)")):
+            TrainingConfig(output_dir="x", optim="muon", **kw)
+
+
+def test_a_muon_run_resumes_exactly_and_another_optimizer_is_refused(
+        tmp_path, capsys, corpus_dir, tokenizer_dir, toy_config_dir):
+    """Through train_clm.py: a Muon run continued from its step-3 checkpoint trains as the run
+    that was not stopped (Muon's momentum and AdamW's moments both restored); resuming it with
+    AdamW is a one-line error naming the way to ask for it, and that way (its weights as
+    --model_name_or_path, a new optimizer) runs."""
+    import shutil
+
+    from clm import checkpoint as ckpt
+    from helpers import assert_same_training, metrics, run, toy_args
+
+    def args(out, **kw):
+        base = dict(max_steps=6, eval_steps=3, save_steps=3, num_samples=0)
+        return toy_args(corpus_dir, tokenizer_dir, toy_config_dir, out, **{**base, **kw}) + \
+            ["--optim", "muon", "--muon_lr_ratio", "2", "--muon_momentum_warmup_steps", "4"]
+
+    full = tmp_path / "full"
+    run(args(full))
+    records = [r for r in metrics(full) if "loss" in r]
+    assert records[-1]["loss"] < records[0]["loss"]
+    resumed = tmp_path / "resumed"
+    shutil.copytree(full, resumed)
+    shutil.rmtree(ckpt.checkpoint_root(resumed) / "step-6")
+    run(args(resumed) + ["--resume_from_checkpoint", "latest"])
+    assert "resumed from" in capsys.readouterr().out
+    assert_same_training(resumed, full, max_steps=6, warmup_steps=2, learning_rate=6e-3,
+                         min_lr=6e-4)
+
+    step3 = ckpt.checkpoint_root(full) / "step-3"
+    argv = [a if a != "muon" else "adamw_torch" for a in args(full, max_steps=9)]
+    with pytest.raises(SystemExit) as e:
+        run(argv + ["--resume_from_checkpoint", str(step3)])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert e.value.code == 2 and len(err) == 1, err
+    assert "training.optim=muon but this run has training.optim=adamw_torch (use the same " \
+           f"--optim, or continue its weights with a new optimizer: --model_name_or_path " \
+           f"{step3} in another --output_dir)" in err[0]
+    argv = [a for a in args(tmp_path / "adamw") if a != "muon"]
+    i = argv.index("--config_name")
+    argv[i:i + 2] = ["--model_name_or_path", str(step3)]
+    argv.remove("--optim")  # its value went with the filter: AdamW, the default
+    run(argv)
+    assert (tmp_path / "adamw" / "model.safetensors").is_file()
+
+
+def test_untied_zero_initialised_head_trains_and_exports(tmp_path, corpus_dir, tokenizer_dir,
+                                                         toy_config_dir):
+    """--untie_word_embeddings --zero_init_head: the first loss is log(vocab) (every logit
+    0), the head is its own tensor in the folder, and pipeline() generates from it."""
+    import math
+
+    from safetensors.torch import load_file
+    from transformers import AutoConfig, pipeline
+
+    from helpers import metrics, run, toy_args
+
+    out = tmp_path / "untied"
+    run(toy_args(corpus_dir, tokenizer_dir, toy_config_dir, out, max_steps=4, eval_steps=0,
+                 num_samples=0) + ["--untie_word_embeddings", "--zero_init_head",
+                                   "--optim", "muon"])
+    config = AutoConfig.from_pretrained(out)
+    assert config.tie_word_embeddings is False
+    first = [r for r in metrics(out) if "loss" in r][0]["loss"]
+    assert first == pytest.approx(math.log(config.vocab_size), rel=1e-5)
+    weights = load_file(out / "model.safetensors")
+    assert "lm_head.weight" in weights and weights["lm_head.weight"].abs().sum() > 0
+    assert not torch.equal(weights["lm_head.weight"], weights["transformer.wte.weight"])
+    text = pipeline("text-generation", model=str(out))("The", max_new_tokens=4,
+                                                       do_sample=False)[0]["generated_text"]
+    assert text.startswith("The")
+    with pytest.raises(UsageError, match="--zero_init_head needs --untie_word_embeddings"):
+        from clm.config import ModelConfig
+
+        ModelConfig(zero_init_head=True)
+
+
+def test_an_fp16_overflow_skips_muons_half_too():
+    """Under fp16 the GradScaler skips a step whose gradients overflowed: the fused AdamW half
+    could do that alone, Muon's could not, so the scaler handles the whole optimizer."""
+    model = no_dropout_gpt2()
+    opt = optim.make_optimizer(model, muon_cfg(), fused=True)
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0 ** 8)
+    before = [p.detach().clone() for p in model.parameters()]
+    x = torch.randint(0, 64, (2, 16))
+    scaler.scale(model(x, labels=x).loss).backward()
+    model.transformer.h[0].mlp.c_fc.weight.grad[0, 0] = float("inf")
+    scaler.step(opt)
+    scaler.update()
+    assert all(torch.equal(a, b) for a, b in zip(before, model.parameters()))
+    assert scaler.get_scale() == 2.0 ** 7
+    opt.zero_grad()
+    scaler.scale(model(x, labels=x).loss).backward()
+    scaler.step(opt)
+    assert not torch.equal(before[4], model.transformer.h[0].attn.c_attn.weight)

@@ -47,6 +47,17 @@ def test_the_backend_is_chosen_once_from_options_and_launcher(monkeypatch):
     assert choose(TrainingConfig(output_dir="x"), 2).name == "fsdp"
     with pytest.raises(UsageError, match="--fsdp and DeepSpeed both asked for"):
         choose(TrainingConfig(output_dir="x", deepspeed=zero2), 2)
+    monkeypatch.delenv("ACCELERATE_USE_FSDP")
+    # refused here, so the run and --dry_run refuse alike, before any work
+    with pytest.raises(UsageError, match=r"--optim muon does not run under DeepSpeed yet .* "
+                                         r"use DDP, or --fsdp full_shard"):
+        choose(TrainingConfig(output_dir="x", deepspeed=zero2, optim="muon"), 2)
+    with pytest.raises(UsageError, match="--optim adamw_torch_fused cannot run under FSDP with "
+                                         "fp16"):
+        choose(TrainingConfig(output_dir="x", fsdp="full_shard", optim="adamw_torch_fused",
+                              mixed_precision="fp16"), 2)
+    assert choose(TrainingConfig(output_dir="x", fsdp="full_shard", optim="muon"), 2).name == \
+        "fsdp"
 
 
 def test_every_backend_implements_the_whole_interface():

@@ -1,8 +1,8 @@
 """Resuming on another number of processes (issue 12, item 6): a 2-process run's checkpoint
-continues on 1 process and that run's on 2 again, under DDP, FSDP2 and DeepSpeed ZeRO-2/3, with
-the global batch kept (accumulation recomputed), the model and optimizer re-sharded and the data
-dealt again; the final held-out loss is within 1% of the uninterrupted run's. Also: another
-number of DataLoader workers."""
+continues on 1 process and that run's on 2 again, under DDP, FSDP2 (AdamW and Muon) and DeepSpeed
+ZeRO-2/3, with the global batch kept (accumulation recomputed), the model and optimizer
+re-sharded and the data dealt again; the final held-out loss is within 1% of the uninterrupted
+run's. Also: another number of DataLoader workers."""
 
 import json
 
@@ -24,6 +24,8 @@ def plan_items(state: dict) -> list[tuple]:
 
 
 BACKENDS = {"ddp": [], "fsdp": ["--fsdp", "full_shard"],
+            # Muon's momentum buffers are DTensors under FSDP2: re-cut like the weights
+            "fsdp_muon": ["--fsdp", "full_shard", "--optim", "muon"],
             "zero2": ["--deepspeed", str(ROOT / "ds_configs" / "zero2.json")],
             "zero3": ["--deepspeed", str(ROOT / "ds_configs" / "zero3.json")]}
 

@@ -275,6 +275,8 @@ def test_run_sft_end_to_end(tmp_path, pretrained):
     assert len(evals) == 3 and evals[-1] < evals[0]
     cfg = yaml.safe_load((out / "run_config.yaml").read_text())
     assert cfg["model"]["model_name_or_path"] == str(pretrained)
+    # AdamW stays SFT's optimizer: Moonlight saw no gain from Muon on an AdamW-pretrained model
+    assert cfg["training"]["optim"] == "adamw_torch"
     card = (out / "README.md").read_text()
     assert "- sft" in card and f"| data | {data} |" in card
     assert (out / "chat_template.jinja").is_file(), "the chat template ships with the model"

@@ -28,7 +28,7 @@ from .base import Backend
 from .ddp import DDPBackend
 from .deepspeed import DeepSpeedBackend, deepspeed_config, deepspeed_config_file
 from .fsdp import FSDPBackend
-from .launch import Topology, env_flag
+from .launch import Topology, env_flag, resolve_mixed_precision
 
 BACKENDS: dict[str, type[Backend]] = {b.name: b for b in (DDPBackend, DeepSpeedBackend,
                                                           FSDPBackend)}
@@ -52,6 +52,15 @@ def choose(cfg: TrainingConfig, world_size: int) -> Choice:
         raise UsageError("--fsdp and DeepSpeed both asked for (choose one: drop --fsdp, or "
                          "--deepspeed / the DeepSpeed accelerate config)")
     ds_file = deepspeed_config_file(cfg)
+    if ds_file and cfg.optim == "muon":
+        raise UsageError("--optim muon does not run under DeepSpeed yet (ZeRO-1/2 cut the "
+                         "matrices Muon orthogonalises into flat partitions): use DDP, or "
+                         "--fsdp full_shard, which gathers each matrix for its update")
+    if fsdp and cfg.optim == "adamw_torch_fused" and \
+            resolve_mixed_precision(cfg.mixed_precision) == "fp16":
+        raise UsageError("--optim adamw_torch_fused cannot run under FSDP with fp16 (torch's "
+                         "fused AdamW rejects the sharded loss scaler's flag): use --optim "
+                         "adamw_torch, or --mixed_precision bf16")
     if ds_file:
         return Choice("deepspeed", ds_file, deepspeed_config(ds_file, cfg, world_size))
     return Choice("fsdp" if fsdp else "ddp")
