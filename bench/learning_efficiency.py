@@ -95,9 +95,9 @@ def spread(values: list[float]) -> dict:
 
 # --compare recipes: name -> (train_clm options, the option its grid varies, the grid)
 RECIPES = {
-    "adamw_cosine": ([], "learning_rate", (1e-3, 2e-3, 4e-3)),
+    "adamw_cosine": ([], "learning_rate", (1e-3, 2e-3, 4e-3, 8e-3)),
     "adamw_wsd": (["--lr_scheduler_type", "warmup_stable_decay"], "learning_rate",
-                  (1e-3, 2e-3, 4e-3)),
+                  (1e-3, 2e-3, 4e-3, 8e-3)),
     "muon_cosine": (["--optim", "muon"], "muon_lr_ratio", (1.0, 2.0, 4.0)),
     "muon_wsd": (["--optim", "muon", "--lr_scheduler_type", "warmup_stable_decay"],
                  "muon_lr_ratio", (1.0, 2.0, 4.0)),
