@@ -221,6 +221,9 @@ class TrainingConfig:
         "--optim muon: Muon's peak rate is --learning_rate times this (its update RMS is matched "
         "to AdamW's, so 1 carries AdamW's rate over; bench/learning_efficiency.py tunes it).",
         default=1.0)
+    muon_learning_rate: Optional[float] = _help(
+        "--optim muon: Muon's peak rate itself, instead of --muon_lr_ratio (the same schedule, "
+        "scaled by muon_learning_rate / learning_rate).", default=None)
     muon_momentum: float = _help("--optim muon: Muon's momentum (Nesterov).", default=0.95)
     muon_momentum_warmup_steps: int = _help(
         "--optim muon: raise Muon's momentum linearly from 0.85 to --muon_momentum over this "
@@ -366,9 +369,23 @@ class TrainingConfig:
             raise UsageError("--fsdp and --deepspeed both given (choose one)")
         self._check_dry_run()
 
+    def muon_lr_scale(self) -> float:
+        """Muon's rate over the schedule's (AdamW's): --muon_learning_rate / --learning_rate,
+        else --muon_lr_ratio."""
+        if self.muon_learning_rate is not None:
+            return self.muon_learning_rate / self.learning_rate
+        return self.muon_lr_ratio
+
     def _check_muon(self):
         if self.muon_lr_ratio <= 0:
             raise UsageError(f"--muon_lr_ratio must be > 0 (got {self.muon_lr_ratio})")
+        if self.muon_learning_rate is not None:
+            if self.muon_learning_rate <= 0 or self.learning_rate <= 0:
+                raise UsageError("--muon_learning_rate and --learning_rate must be > 0 (got "
+                                 f"{self.muon_learning_rate} and {self.learning_rate})")
+            if self.muon_lr_ratio != 1.0:
+                raise UsageError("--muon_learning_rate and --muon_lr_ratio both given (keep "
+                                 "one: the rate, or its ratio to --learning_rate)")
         if not 0 <= self.muon_momentum < 1:
             raise UsageError(f"--muon_momentum must be in [0, 1) (got {self.muon_momentum})")
         if self.muon_momentum_warmup_steps < 0:

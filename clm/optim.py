@@ -23,8 +23,8 @@ its groups, not in the loop.
 - muon: `MuonWithAdamW`, torch.optim.Muon's update (momentum, Newton-Schulz orthogonalisation,
   `adjust_lr_fn="match_rms_adamw"`) on the hidden matrices and AdamW on the rest, in one
   optimizer (one state_dict, one step, what Accelerate, checkpoints and FSDP2 expect). Matched
-  to AdamW's update RMS (Moonlight), Muon's rate is --learning_rate x --muon_lr_ratio and its
-  weight decay --weight_decay. HF's `Conv1D` keeps its weight as (in, out), the transpose of
+  to AdamW's update RMS (Moonlight), Muon's rate is --learning_rate x --muon_lr_ratio (or
+  --muon_learning_rate) on the same schedule, and its weight decay --weight_decay. HF's `Conv1D` keeps its weight as (in, out), the transpose of
   `nn.Linear`'s: each matrix is orthogonalised in Linear's (out, in) layout, so the shape-based
   rate adjustment sees the layer's real fan-out and fan-in, and GPT-2's fused QKV matrix can be
   split into its three (--muon_split_qkv).
@@ -125,12 +125,15 @@ def set_lr(optimizer, lr: float) -> None:
 
 def apply_schedule(optimizer, step: int, cfg: TrainingConfig) -> float:
     """Set step `step`'s learning rates (and Muon's momentum); returns the schedule's rate.
-    Both are pure functions of the step, so a resumed run sets what the first run did."""
+    Both are pure functions of the step and the run's options (Muon's lr_scale too, not the
+    one a checkpoint's groups saved), so a resumed run sets what the first run did, and a
+    changed --learning_rate moves Muon's rate as --muon_learning_rate or its ratio says."""
     lr = lr_at(step, cfg)
-    set_lr(optimizer, lr)
     for group in optimizer.param_groups:
         if group.get("muon"):
+            group["lr_scale"] = cfg.muon_lr_scale()
             group["momentum"] = muon_momentum_at(step, cfg)
+    set_lr(optimizer, lr)
     return lr
 
 
@@ -187,7 +190,7 @@ def param_groups(model, cfg: TrainingConfig) -> list[dict]:
         layouts = matrix_layouts(model, params, cfg.muon_split_qkv)
         for layout in dict.fromkeys(layouts[id(p)] for p in params):
             groups.append({"params": [p for p in params if layouts[id(p)] == layout],
-                           "role": role, "weight_decay": decay, "lr_scale": cfg.muon_lr_ratio,
+                           "role": role, "weight_decay": decay, "lr_scale": cfg.muon_lr_scale(),
                            "muon": True, "transposed": layout[0], "pieces": layout[1],
                            "momentum": cfg.muon_momentum, "nesterov": True,
                            "ns_steps": cfg.muon_ns_steps})

@@ -48,16 +48,20 @@ def write_config(tmp_path, corpus_dir, tokenizer_dir):
     return path
 
 
-@pytest.mark.slow
-def test_train_throughput_runs_ours_and_the_reference(tmp_path, corpus_dir, tokenizer_dir):
+def train_throughput(tmp_path, corpus_dir, tokenizer_dir, *extra) -> dict:
+    """bench/train_throughput.py on the toy corpus at toy shapes; its JSON."""
     proc = subprocess.run(
         [sys.executable, "bench/train_throughput.py", "--config",
          str(write_config(tmp_path, corpus_dir, tokenizer_dir)), "--block_size", "32",
-         "--batch_size", "4", "--warmup", "1", "--steps", "3", "--workers", "0",
-         "--repeats", "2"],
+         "--batch_size", "4", "--warmup", "1", "--steps", "3", "--workers", "0", *extra],
         capture_output=True, text=True, cwd=ROOT, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    result = json.loads(proc.stdout)
+    return json.loads(proc.stdout)
+
+
+@pytest.mark.slow
+def test_train_throughput_runs_ours_and_the_reference(tmp_path, corpus_dir, tokenizer_dir):
+    result = train_throughput(tmp_path, corpus_dir, tokenizer_dir, "--repeats", "2")
     for side in ("ours", "reference"):
         assert result[side]["tokens_per_sec"] > 0 and result[side]["step_s"] > 0
         assert result[side]["peak_memory_gb"] > 0
@@ -242,14 +246,8 @@ def test_tokens_to_reach_interpolates_between_fractions():
 
 @pytest.mark.slow
 def test_train_throughput_compares_the_optimizers(tmp_path, corpus_dir, tokenizer_dir):
-    proc = subprocess.run(
-        [sys.executable, "bench/train_throughput.py", "--compare_optimizers", "--config",
-         str(write_config(tmp_path, corpus_dir, tokenizer_dir)), "--block_size", "32",
-         "--batch_size", "4", "--warmup", "1", "--steps", "3", "--workers", "0",
-         "--repeats", "1"],
-        capture_output=True, text=True, cwd=ROOT, timeout=300)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    result = json.loads(proc.stdout)
+    result = train_throughput(tmp_path, corpus_dir, tokenizer_dir, "--compare_optimizers",
+                              "--repeats", "1")
     assert result["adamw_torch"]["tokens_per_sec"] > 0 and result["muon"]["tokens_per_sec"] > 0
     steps = result["optimizer_step"]
     assert steps["step_ms"]["muon"] > 0 and steps["step_ms"]["adamw_torch"] > 0

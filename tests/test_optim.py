@@ -309,6 +309,23 @@ def test_muon_state_round_trips_and_momentum_warms_up():
     assert all(torch.equal(a, b) for a, b in zip(model.parameters(), twin.parameters()))
 
 
+def test_muon_learning_rate_or_its_ratio():
+    """--muon_learning_rate is the ratio by another name, set from the options each step (a
+    checkpoint's saved lr_scale does not win over a changed --learning_rate)."""
+    model = no_dropout_gpt2()
+    cfg = muon_cfg(muon_learning_rate=3e-2, warmup_steps=0,
+                   lr_scheduler_type="constant_with_warmup")
+    opt = optim.make_optimizer(model, cfg)
+    for group in opt.param_groups:
+        if group["muon"]:
+            group["lr_scale"] = 7.0  # as a checkpoint of another run might have saved it
+    assert optim.apply_schedule(opt, 5, cfg) == pytest.approx(1e-2)
+    assert {g["role"]: g["lr"] for g in opt.param_groups} == pytest.approx(
+        {"embeddings": 1e-2, "hidden_matrices": 3e-2, "norms_and_biases": 1e-2})
+    with pytest.raises(UsageError, match="--muon_learning_rate and --muon_lr_ratio both given"):
+        muon_cfg(muon_learning_rate=3e-2, muon_lr_ratio=2.0)
+
+
 def test_muon_options_are_checked():
     for kw, message in [({"muon_lr_ratio": 0}, "--muon_lr_ratio must be > 0"),
                         ({"muon_momentum": 1.0}, "--muon_momentum must be in [0, 1)"),
