@@ -106,6 +106,7 @@ BASELINE = "adamw_cosine"
 FRACTIONS = (0.5, 0.7)
 # the Muon options measured on top of the best Muon recipe (every seed)
 ABLATIONS = {"split_qkv": ["--muon_split_qkv"],
+             "no_nesterov": ["--muon_nesterov", "false"],
              "momentum_warmup_100": ["--muon_momentum_warmup_steps", "100"],
              "untied_zero_head": ["--untie_word_embeddings", "--zero_init_head"]}
 

@@ -224,7 +224,9 @@ class TrainingConfig:
     muon_learning_rate: Optional[float] = _help(
         "--optim muon: Muon's peak rate itself, instead of --muon_lr_ratio (the same schedule, "
         "scaled by muon_learning_rate / learning_rate).", default=None)
-    muon_momentum: float = _help("--optim muon: Muon's momentum (Nesterov).", default=0.95)
+    muon_momentum: float = _help("--optim muon: Muon's momentum.", default=0.95)
+    muon_nesterov: bool = _help("--optim muon: Nesterov momentum (the update looks one "
+                                "momentum step ahead).", default=True)
     muon_momentum_warmup_steps: int = _help(
         "--optim muon: raise Muon's momentum linearly from 0.85 to --muon_momentum over this "
         "many steps (0: constant).", default=0)

@@ -192,7 +192,7 @@ def param_groups(model, cfg: TrainingConfig) -> list[dict]:
             groups.append({"params": [p for p in params if layouts[id(p)] == layout],
                            "role": role, "weight_decay": decay, "lr_scale": cfg.muon_lr_scale(),
                            "muon": True, "transposed": layout[0], "pieces": layout[1],
-                           "momentum": cfg.muon_momentum, "nesterov": True,
+                           "momentum": cfg.muon_momentum, "nesterov": cfg.muon_nesterov,
                            "ns_steps": cfg.muon_ns_steps})
     return groups
 

@@ -228,8 +228,10 @@ def test_muon_takes_the_block_matrices_and_adamw_the_rest():
             assert set(state) == {"step", "exp_avg", "exp_avg_sq"}, name
 
 
-@pytest.mark.parametrize("adjust", ["match_rms_adamw", "original"])
-def test_a_conv1d_weight_gets_torch_muons_update_of_the_same_linear_weight(monkeypatch, adjust):
+@pytest.mark.parametrize("adjust, nesterov", [("match_rms_adamw", True), ("original", True),
+                                              ("match_rms_adamw", False)])
+def test_a_conv1d_weight_gets_torch_muons_update_of_the_same_linear_weight(monkeypatch, adjust,
+                                                                           nesterov):
     """HF's Conv1D stores (in, out), nn.Linear (out, in): our update of a Conv1D weight is the
     transpose of torch.optim.Muon's update of the equivalent Linear weight, bit for bit, over
     several steps of momentum. With "original" (rate scaled by sqrt(max(1, out/in))) a Muon
@@ -245,11 +247,12 @@ def test_a_conv1d_weight_gets_torch_muons_update_of_the_same_linear_weight(monke
     with torch.no_grad():
         linear.weight.copy_(conv.weight.T)
     ours = optim.MuonWithAdamW([{"params": [conv.weight], "muon": True, "transposed": True,
-                                 "pieces": 1, "momentum": 0.95, "nesterov": True,
+                                 "pieces": 1, "momentum": 0.95, "nesterov": nesterov,
                                  "ns_steps": 5, "weight_decay": 0.1}], lr=0.02)
     reference = torch.optim.Muon([linear.weight], lr=0.02, weight_decay=0.1,
-                                 adjust_lr_fn=adjust)
-    as_stored = torch.optim.Muon([naive], lr=0.02, weight_decay=0.1, adjust_lr_fn=adjust)
+                                 adjust_lr_fn=adjust, nesterov=nesterov)
+    as_stored = torch.optim.Muon([naive], lr=0.02, weight_decay=0.1, adjust_lr_fn=adjust,
+                                 nesterov=nesterov)
     for _ in range(3):
         grad = torch.randn(96, 32)
         linear.weight.grad, conv.weight.grad, naive.grad = grad, grad.T.clone(), grad.T.clone()
