@@ -103,7 +103,7 @@ RECIPES = {
                  "muon_lr_ratio", (1.0, 2.0, 4.0)),
 }
 BASELINE = "adamw_cosine"
-FRACTIONS = (0.5, 0.7)
+FRACTIONS = (0.35, 0.5, 0.7)
 # the Muon options measured on top of the best Muon recipe (every seed)
 ABLATIONS = {"split_qkv": ["--muon_split_qkv"],
              "no_nesterov": ["--muon_nesterov", "false"],
@@ -233,8 +233,12 @@ def print_recipe_table(result: dict, tokens: int) -> None:
         cells = ", ".join(f"{v:g}: {loss:.3f}" for v, loss in grid.items())
         loss = row["held_out_loss"]
         need = row["tokens_to_baseline_loss"]
+        # reached at the smallest fraction measured: at most that
+        first = min(row["loss_at_fraction"], key=float)
+        at_most = need is not None and need < 1 and float(first) == need
+        need = "> 1x" if need is None else f"{'<= ' if at_most else ''}{need:.2f}x"
         print(f"{name:13} {option + ' ' + cells:44} {loss['mean']:>18.4f} ± {loss['std']:.4f}  "
-              f"{(f'{need:.2f}x' if need else '> 1x'):>16}")
+              f"{need:>16}")
     for label, loss in result["ablations"].items():
         print(f"{result['best_muon_recipe']} + {label}: {loss['mean']:.4f} ± {loss['std']:.4f}")
 
