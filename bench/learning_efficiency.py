@@ -98,9 +98,9 @@ RECIPES = {
     "adamw_cosine": ([], "learning_rate", (1e-3, 2e-3, 4e-3, 8e-3)),
     "adamw_wsd": (["--lr_scheduler_type", "warmup_stable_decay"], "learning_rate",
                   (1e-3, 2e-3, 4e-3, 8e-3)),
-    "muon_cosine": (["--optim", "muon"], "muon_lr_ratio", (1.0, 2.0, 4.0)),
+    "muon_cosine": (["--optim", "muon"], "muon_lr_ratio", (0.5, 1.0, 2.0, 4.0)),
     "muon_wsd": (["--optim", "muon", "--lr_scheduler_type", "warmup_stable_decay"],
-                 "muon_lr_ratio", (1.0, 2.0, 4.0)),
+                 "muon_lr_ratio", (0.5, 1.0, 2.0, 4.0)),
 }
 BASELINE = "adamw_cosine"
 FRACTIONS = (0.35, 0.5, 0.7)

@@ -222,7 +222,7 @@ def test_learning_efficiency_recipe_table(tmp_path, corpus_dir, tokenizer_dir):
     result = json.loads(proc.stdout[proc.stdout.index("{"):proc.stdout.rindex("}") + 1])
     adamw, muon = result["recipes"]["adamw_cosine"], result["recipes"]["muon_wsd"]
     assert list(adamw["grid"]["learning_rate"]) == ["0.001", "0.002", "0.004", "0.008"]
-    assert list(muon["grid"]["muon_lr_ratio"]) == ["1.0", "2.0", "4.0"]
+    assert list(muon["grid"]["muon_lr_ratio"]) == ["0.5", "1.0", "2.0", "4.0"]
     assert "--optim" in muon["options"] and "warmup_stable_decay" in muon["options"]
     assert len(adamw["losses_by_seed"]) == 2 and result["target"] == pytest.approx(
         sum(adamw["losses_by_seed"]) / 2, abs=1e-4)
@@ -230,7 +230,7 @@ def test_learning_efficiency_recipe_table(tmp_path, corpus_dir, tokenizer_dir):
     rows = [x for x in proc.stdout.splitlines() if x.startswith(("adamw_cosine ", "muon_wsd "))]
     assert len(rows) == 2 and rows[0].endswith("1.00x"), rows
     runs = len(results.read_text().splitlines())
-    assert runs >= 4 + 1 + 3 + 1 + 2  # grids, second seeds, fractions
+    assert runs >= 4 + 1 + 4 + 1 + 3  # grids, second seeds, fractions
     again = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, timeout=600)
     assert again.returncode == 0 and len(results.read_text().splitlines()) == runs
     assert "train:" not in again.stderr, "every run read back, none trained"
