@@ -24,10 +24,13 @@ its groups, not in the loop.
   `adjust_lr_fn="match_rms_adamw"`) on the hidden matrices and AdamW on the rest, in one
   optimizer (one state_dict, one step, what Accelerate, checkpoints and FSDP2 expect). Matched
   to AdamW's update RMS (Moonlight), Muon's rate is --learning_rate x --muon_lr_ratio (or
-  --muon_learning_rate) on the same schedule, and its weight decay --weight_decay. HF's `Conv1D` keeps its weight as (in, out), the transpose of
-  `nn.Linear`'s: each matrix is orthogonalised in Linear's (out, in) layout, so the shape-based
-  rate adjustment sees the layer's real fan-out and fan-in, and GPT-2's fused QKV matrix can be
-  split into its three (--muon_split_qkv).
+  --muon_learning_rate) on the same schedule, and its weight decay --weight_decay. HF's
+  `Conv1D` keeps its weight as (in, out), the transpose of `nn.Linear`'s: each matrix is
+  orthogonalised in Linear's (out, in) layout, so the shape-based rate adjustment sees the
+  layer's real fan-out and fan-in, and GPT-2's fused QKV matrix can be split into its three
+  (--muon_split_qkv). Where a backend shards, each matrix is still
+  orthogonalised whole: FSDP2's DTensors are gathered per matrix, and DeepSpeed ZeRO-1/2's
+  flat partitions are read back into matrices by a `FlatLayout`.
 """
 
 from __future__ import annotations
@@ -36,7 +39,8 @@ import math
 from typing import NamedTuple
 
 import torch
-from torch.optim._muon import _adjust_lr, _zeropower_via_newtonschulz
+from torch.optim._muon import (DEFAULT_A, DEFAULT_B, DEFAULT_C, EPS, _adjust_lr,
+                               _zeropower_via_newtonschulz)
 
 from .config import OPTIM_CHOICES, TrainingConfig
 from .errors import UsageError
@@ -233,6 +237,8 @@ class MuonWithAdamW(torch.optim.AdamW):
         # Fused AdamW would take the overflow flag and skip on its own, but Muon's half would
         # step on the bad gradients.
         self._step_supports_amp_scaling = False
+        # id(flat fp32 partition) -> FlatLayout, set by the DeepSpeed backend after prepare
+        self.flat_layouts: dict[int, FlatLayout] = {}
 
     def __setstate__(self, state):
         # Adam's own fix-ups expect AdamW's state ("step") on every parameter: show it the AdamW
@@ -268,6 +274,15 @@ class MuonWithAdamW(torch.optim.AdamW):
         buf.lerp_(p.grad, 1 - momentum)
         update = p.grad.lerp(buf, momentum) if group["nesterov"] else buf
         lr = group["lr"]
+        flat = self.flat_layouts.get(id(p))
+        if flat is not None:  # a ZeRO-1/2 partition: gather the group's matrices whole
+            step = flat.step(update, lambda u, out: self._orthogonal_step(u, out, group, lr))
+            p.mul_(1 - lr * group["weight_decay"])
+            p.add_(step)
+            return
+        if p.dim() < 2:
+            raise RuntimeError("MuonWithAdamW got a flat parameter with no FlatLayout: a "
+                               "backend flattened Muon's matrices without saying where they are")
         sharded = hasattr(update, "full_tensor")  # an FSDP2 DTensor
         if sharded:
             update = update.full_tensor()
@@ -275,14 +290,65 @@ class MuonWithAdamW(torch.optim.AdamW):
         # of which each rank applies its own rows
         target = torch.zeros_like(update) if sharded else p
         p.mul_(1 - lr * group["weight_decay"])
-        as_linear = (lambda t: t.T) if group["transposed"] else (lambda t: t)
-        for out, piece in zip(as_linear(target).chunk(group["pieces"]),
-                              as_linear(update).chunk(group["pieces"])):
-            ortho = _zeropower_via_newtonschulz(piece, (3.4445, -4.775, 2.0315),
-                                                group["ns_steps"], 1e-7)
-            out.add_(ortho, alpha=-_adjust_lr(lr, self.ADJUST_LR, out.shape))
+        self._orthogonal_step(update, target, group, lr)
         if sharded:
             p.to_local().add_(_local_part(target, p))
+
+    def _orthogonal_step(self, update, out, group, lr) -> None:
+        """out -= Muon's step for the momentum update `update` of one weight (same shape):
+        orthogonalised in nn.Linear's (out, in) layout, piece by piece, its rate adjusted to
+        each piece's shape."""
+        as_linear = (lambda t: t.T) if group["transposed"] else (lambda t: t)
+        for target, piece in zip(as_linear(out).chunk(group["pieces"]),
+                                 as_linear(update).chunk(group["pieces"])):
+            ortho = _zeropower_via_newtonschulz(piece, (DEFAULT_A, DEFAULT_B, DEFAULT_C),
+                                                group["ns_steps"], EPS)
+            target.add_(ortho, alpha=-_adjust_lr(lr, self.ADJUST_LR, target.shape))
+
+
+class FlatLayout(NamedTuple):
+    """Where the matrices of one param group lie in the flat buffer that DeepSpeed's ZeRO-1/2
+    partitions across ranks (each rank's optimizer sees only its `partition`-long slice)."""
+    offsets: tuple[int, ...]           # each matrix's first element in the flat buffer
+    shapes: tuple[torch.Size, ...]     # ... and its shape as stored
+    partition: int                     # elements per rank
+    rank: int                          # this rank's index in `group`
+    world: int
+    group: object                      # the process group the partitions are cut over
+
+    def step(self, update: torch.Tensor, orthogonal_step) -> torch.Tensor:
+        """This rank's slice of the Muon step for the whole group, from every rank's slice of
+        the momentum update: `orthogonal_step(matrix_update, matrix_out)` runs on each matrix
+        that overlaps this rank's slice, whole (Newton-Schulz needs the full matrix).
+
+        The ranks' slices arrive one broadcast at a time, in order, and are dropped once no
+        matrix left to do starts in them: at most one matrix's span of slices is held (not
+        the whole group, as an all-gather would), for the same bytes on the wire."""
+        size, lo = self.partition, self.rank * self.partition
+        todo = [(o, o + s.numel(), s) for o, s in sorted(zip(self.offsets, self.shapes),
+                                                         key=lambda t: t[0])
+                if o < lo + size and o + s.numel() > lo]
+        mine = torch.zeros_like(update)
+        held: dict[int, torch.Tensor] = {}
+        for r in range(self.world):
+            piece = update.contiguous() if r == self.rank else update.new_empty(size)
+            if self.world > 1:
+                torch.distributed.broadcast(
+                    piece, torch.distributed.get_global_rank(self.group, r), group=self.group)
+            held[r] = piece
+            while todo and todo[0][1] <= (r + 1) * size:
+                offset, end, shape = todo.pop(0)
+                first = offset // size
+                span = torch.cat([held[q] for q in range(first, r + 1)])
+                start = offset - first * size
+                out = torch.zeros(shape, dtype=update.dtype, device=update.device)
+                orthogonal_step(span[start:start + shape.numel()].view(shape), out)
+                a, b = max(offset, lo), min(end, lo + size)
+                mine[a - lo:b - lo] = out.view(-1)[a - offset:b - offset]
+            keep = todo[0][0] // size if todo else self.world
+            for q in [q for q in held if q < keep]:
+                del held[q]
+        return mine
 
 
 def _local_part(full: torch.Tensor, dtensor) -> torch.Tensor:

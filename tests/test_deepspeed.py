@@ -336,3 +336,72 @@ def test_bf16_zero_trains_and_folders_hold_the_fp32_masters_export_rebuilds(
     assert final.keys() == exported.keys() == checkpoint.keys()
     assert all(torch.equal(final[k], exported[k]) and torch.equal(final[k], checkpoint[k])
                for k in final), [k for k in final if not torch.equal(final[k], exported[k])]
+
+
+@pytest.mark.slow
+def test_muon_under_zero2_gathers_each_matrix_matches_ddp_and_resumes(
+        tmp_path, corpus_dir, tokenizer_dir, toy_config_dir):
+    """--optim muon under ZeRO-2 on two processes: each rank's optimizer holds a flat partition
+    cutting through Muon's matrices; the ranks' momentum updates are gathered back into whole
+    matrices for Newton-Schulz (optim.FlatLayout), so the run is DDP Muon's, and clipping sees
+    the raw gradients' norm as there. The partitioned momentum resumes exactly."""
+    kw = dict(max_steps=4, eval_steps=2, save_steps=2, num_samples=0, max_grad_norm=0.5)
+    muon = ["--optim", "muon", "--muon_lr_ratio", "2"]
+    zero2 = ["--deepspeed", str(ROOT / "ds_configs" / "zero2.json")]
+    outs = {}
+    for name, extra in (("zero2", zero2), ("ddp", [])):
+        outs[name] = tmp_path / name
+        torchrun(tmp_path, "train_clm.py", toy_args(corpus_dir, tokenizer_dir, toy_config_dir,
+                                                    outs[name], **kw) + muon + extra)
+    z2, ddp = outs["zero2"], outs["ddp"]
+    dist = yaml.safe_load((z2 / "run_config.yaml").read_text())["distributed"]
+    assert dist["type"] == "DEEPSPEED" and dist["zero_stage"] == 2
+    assert dist["accelerate_num_processes"] == dist["torch_world_size"] == 2
+    a, b = train_records(z2), train_records(ddp)
+    assert [r["tokens"] for r in a] == [r["tokens"] for r in b]
+    # Newton-Schulz runs in bf16: a last-bit difference between ZeRO's and DDP's gradient
+    # sums can round an element of an update differently (as under FSDP2, test_fsdp); a wrong
+    # offset, partition or layout moves whole updates
+    assert [r["loss"] for r in a] == pytest.approx([r["loss"] for r in b], rel=1e-4)
+    assert [r["grad_norm"] for r in a] == pytest.approx([r["grad_norm"] for r in b], rel=1e-3)
+    assert max(r["grad_norm"] for r in a) > 0.5, "clipping was exercised"
+    final, ref = load_file(z2 / "model.safetensors"), load_file(ddp / "model.safetensors")
+    for key, value in ref.items():
+        muon_matrix = key.endswith("weight") and value.dim() == 2 and ".h." in key
+        torch.testing.assert_close(final[key], value, rtol=1e-4,
+                                   atol=3e-3 if muon_matrix else 1e-4)
+    moved = final["transformer.h.0.mlp.c_fc.weight"] - load_file(
+        z2 / "checkpoints" / "step-2" / "model.safetensors")["transformer.h.0.mlp.c_fc.weight"]
+    assert moved.abs().max() > 1e-3, "Muon stepped the matrices"
+
+    resumed = tmp_path / "resumed"
+    shutil.copytree(z2, resumed)
+    shutil.rmtree(resumed / "checkpoints" / "step-4")
+    printed = torchrun(tmp_path, "train_clm.py", toy_args(
+        corpus_dir, tokenizer_dir, toy_config_dir, resumed, **kw) + muon + zero2 +
+        ["--resume_from_checkpoint", "latest"])
+    assert "resumed from" in printed and "at step 2" in printed
+    assert_same_records(metrics(resumed), metrics(z2))
+
+
+@pytest.mark.slow
+def test_muon_under_bf16_zero1_reads_its_own_partitions(tmp_path, corpus_dir, tokenizer_dir,
+                                                        toy_config_dir):
+    """Under bf16, ZeRO-1 is DeepSpeed's BF16_Optimizer, which flattens and partitions the
+    matrices its own way (no gaps between them): read back by its own FlatLayout, its Muon
+    run is the ZeRO-2 one (the same bf16 model, fp32 gradients and masters)."""
+    kw = dict(max_steps=3, eval_steps=3, save_steps=3, num_samples=0, mixed_precision="bf16")
+    outs = {}
+    for name in ("zero1", "zero2"):
+        outs[name] = tmp_path / name
+        torchrun(tmp_path, "train_clm.py", toy_args(
+            corpus_dir, tokenizer_dir, toy_config_dir, outs[name], **kw) + [
+            "--optim", "muon", "--deepspeed", str(ROOT / "ds_configs" / f"{name}.json")])
+    z1, z2 = outs["zero1"], outs["zero2"]
+    assert list((z1 / "checkpoints" / "step-3" / "state" / "pytorch_model").glob(
+        "bf16_zero_pp_rank_*_optim_states.pt")), "ZeRO-1 under bf16 is the BF16_Optimizer"
+    a, b = train_records(z1), train_records(z2)
+    assert [r["loss"] for r in a] == pytest.approx([r["loss"] for r in b], rel=1e-4)
+    final, ref = load_file(z1 / "model.safetensors"), load_file(z2 / "model.safetensors")
+    for key, value in ref.items():
+        torch.testing.assert_close(final[key], value, rtol=1e-4, atol=3e-3)

@@ -283,6 +283,33 @@ def test_split_qkv_orthogonalises_query_key_and_value_apart():
     assert torch.equal(weight.detach(), torch.cat([p.detach().T for p in parts], dim=1))
 
 
+def test_a_zero_partition_gets_the_step_of_its_whole_matrices(monkeypatch):
+    """FlatLayout (ZeRO-1/2's flat partitions) on 4 simulated ranks: matrices with gaps between
+    them, one spanning three partitions, a rank holding no matrix start and a padded tail.
+    Each rank's slice of the step equals the step computed on the whole matrices."""
+    shapes = [torch.Size(s) for s in ((6, 5), (3, 4), (20, 3), (2, 2))]
+    offsets, at = [], 0
+    for s in shapes:
+        offsets.append(at)
+        at += s.numel() + 2  # DeepSpeed's alignment gaps
+    size = -(-at // 4)
+    full = torch.randn(4 * size, generator=torch.Generator().manual_seed(0))
+    step = lambda u, out: out.add_(u @ u.T @ u)  # noqa: E731  a stand-in: any whole-matrix map
+    expected = torch.zeros_like(full)
+    for o, s in zip(offsets, shapes):
+        step(full[o:o + s.numel()].view(s), expected[o:o + s.numel()].view(s))
+    pieces = list(full.chunk(4))
+    monkeypatch.setattr(torch.distributed, "broadcast",
+                        lambda t, src, group: t.copy_(pieces[src]))
+    monkeypatch.setattr(torch.distributed, "get_global_rank", lambda group, r: r)
+    got = [optim.FlatLayout(tuple(offsets), tuple(shapes), size, r, 4, None).step(
+        pieces[r].clone(), step) for r in range(4)]
+    end = offsets[2] + shapes[2].numel()
+    assert (offsets[2] // size, (end - 1) // size) == (1, 3), "spans ranks 1-3"
+    assert not [o for o in offsets if 2 * size <= o < 3 * size], "rank 2 starts no matrix"
+    torch.testing.assert_close(torch.cat(got), expected, rtol=0, atol=0)
+
+
 def test_muon_state_round_trips_and_momentum_warms_up():
     import copy
 

@@ -2,6 +2,8 @@
 backend fills in (the 2-process runs of each backend are in test_train, test_deepspeed,
 test_fsdp and test_reshard)."""
 
+import json
+
 import pytest
 
 from clm.config import TrainingConfig, UsageError
@@ -32,7 +34,7 @@ def test_a_launch_without_a_process_group_is_refused():
     assert Topology().check_group() == Topology()
 
 
-def test_the_backend_is_chosen_once_from_options_and_launcher(monkeypatch):
+def test_the_backend_is_chosen_once_from_options_and_launcher(monkeypatch, tmp_path):
     for var in ("ACCELERATE_USE_FSDP", "ACCELERATE_USE_DEEPSPEED",
                 "ACCELERATE_DEEPSPEED_CONFIG_FILE", "ACCELERATE_MIXED_PRECISION"):
         monkeypatch.delenv(var, raising=False)
@@ -49,9 +51,21 @@ def test_the_backend_is_chosen_once_from_options_and_launcher(monkeypatch):
         choose(TrainingConfig(output_dir="x", deepspeed=zero2), 2)
     monkeypatch.delenv("ACCELERATE_USE_FSDP")
     # refused here, so the run and --dry_run refuse alike, before any work
-    with pytest.raises(UsageError, match=r"--optim muon does not run under DeepSpeed yet .* "
-                                         r"use DDP, or --fsdp full_shard"):
-        choose(TrainingConfig(output_dir="x", deepspeed=zero2, optim="muon"), 2)
+    for name in ("zero1", "zero2"):  # Muon reads each flat partition back into matrices
+        ds_file = str(ROOT / "ds_configs" / f"{name}.json")
+        assert choose(TrainingConfig(output_dir="x", deepspeed=ds_file, optim="muon"),
+                      2).name == "deepspeed"
+    with pytest.raises(UsageError, match=r"--optim muon runs under DeepSpeed ZeRO-1/2 only "
+                                         r"\(.*zero3.json has stage 3\): use "):
+        choose(TrainingConfig(output_dir="x", deepspeed=str(ROOT / "ds_configs" / "zero3.json"),
+                              optim="muon"), 2)
+    offload = tmp_path / "zero2_offload.json"
+    config = json.loads((ROOT / "ds_configs" / "zero2.json").read_text())
+    config["zero_optimization"]["offload_optimizer"] = {"device": "cpu"}
+    offload.write_text(json.dumps(config))
+    with pytest.raises(UsageError, match=r"--optim muon cannot step on the host \(.* offloads "
+                                         r"the optimizer\): drop "):
+        choose(TrainingConfig(output_dir="x", deepspeed=str(offload), optim="muon"), 2)
     with pytest.raises(UsageError, match="--optim adamw_torch_fused cannot run under FSDP with "
                                          "fp16"):
         choose(TrainingConfig(output_dir="x", fsdp="full_shard", optim="adamw_torch_fused",

@@ -7,6 +7,7 @@ run's. Also: another number of DataLoader workers."""
 import json
 
 import pytest
+import torch
 import yaml
 
 from helpers import ROOT, metrics, run, torchrun, toy_args, world_of
@@ -27,6 +28,9 @@ BACKENDS = {"ddp": [], "fsdp": ["--fsdp", "full_shard"],
             # Muon's momentum buffers are DTensors under FSDP2: re-cut like the weights
             "fsdp_muon": ["--fsdp", "full_shard", "--optim", "muon"],
             "zero2": ["--deepspeed", str(ROOT / "ds_configs" / "zero2.json")],
+            # Muon's momentum is a flat partition like Adam's moments: re-cut by the converter
+            "zero2_muon": ["--deepspeed", str(ROOT / "ds_configs" / "zero2.json"), "--optim",
+                           "muon"],
             "zero3": ["--deepspeed", str(ROOT / "ds_configs" / "zero3.json")]}
 
 
@@ -83,6 +87,13 @@ def test_resume_on_another_number_of_processes(tmp_path, corpus_dir, tokenizer_d
     check_moved(one, printed, 2, 1)
     if backend.startswith("zero"):  # converted once into DeepSpeed's universal checkpoint
         assert (middle / "state" / "universal" / "pytorch_model").is_dir()
+    if backend == "zero2_muon":  # a Muon matrix's momentum re-cut whole, AdamW's moments too
+        params = middle / "state" / "universal" / "pytorch_model" / "zero"
+        momentum = torch.load(params / "transformer.h.0.mlp.c_fc.weight" / "momentum_buffer.pt",
+                              weights_only=False)["param"]
+        assert momentum.shape == (64, 256) and (momentum != 0).float().mean() > 0.99
+        assert not (params / "transformer.h.0.mlp.c_fc.weight" / "exp_avg.pt").exists()
+        assert (params / "transformer.wte.weight" / "exp_avg_sq.pt").is_file()
     printed = start(two, 2, save_steps=10, gradient_accumulation_steps=2,
                     resume_from_checkpoint=one / "checkpoints" / "step-30")
     check_moved(two, printed, 1, 2)

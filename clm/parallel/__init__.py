@@ -52,18 +52,32 @@ def choose(cfg: TrainingConfig, world_size: int) -> Choice:
         raise UsageError("--fsdp and DeepSpeed both asked for (choose one: drop --fsdp, or "
                          "--deepspeed / the DeepSpeed accelerate config)")
     ds_file = deepspeed_config_file(cfg)
-    if ds_file and cfg.optim == "muon":
-        raise UsageError("--optim muon does not run under DeepSpeed yet (ZeRO-1/2 cut the "
-                         "matrices Muon orthogonalises into flat partitions): use DDP, or "
-                         "--fsdp full_shard, which gathers each matrix for its update")
     if fsdp and cfg.optim == "adamw_torch_fused" and \
             resolve_mixed_precision(cfg.mixed_precision) == "fp16":
         raise UsageError("--optim adamw_torch_fused cannot run under FSDP with fp16 (torch's "
                          "fused AdamW rejects the sharded loss scaler's flag): use --optim "
                          "adamw_torch, or --mixed_precision bf16")
     if ds_file:
-        return Choice("deepspeed", ds_file, deepspeed_config(ds_file, cfg, world_size))
+        config = deepspeed_config(ds_file, cfg, world_size)
+        if cfg.optim == "muon":
+            _check_muon_zero(config, ds_file)
+        return Choice("deepspeed", ds_file, config)
     return Choice("fsdp" if fsdp else "ddp")
+
+
+def _check_muon_zero(config: dict, ds_file: str) -> None:
+    """--optim muon under DeepSpeed: ZeRO-1/2 with the optimizer on the GPU, where each rank's
+    flat partition is read back into whole matrices (optim.FlatLayout)."""
+    zero = config.get("zero_optimization", {})
+    stage = int(zero.get("stage", 0))
+    if stage not in (1, 2):
+        raise UsageError(f"--optim muon runs under DeepSpeed ZeRO-1/2 only ({ds_file} has stage "
+                         f"{stage}): use ds_configs/zero2.json, or --fsdp full_shard to shard "
+                         "the parameters too")
+    if (zero.get("offload_optimizer") or {}).get("device", "none") not in ("none", None):
+        raise UsageError(f"--optim muon cannot step on the host ({ds_file} offloads the "
+                         "optimizer): drop zero_optimization.offload_optimizer, or use "
+                         "--fsdp full_shard")
 
 
 def make_backend(choice: Choice, accelerator, topology: Topology,

@@ -13,6 +13,10 @@ contradicts an option is an error rather than a silent override.
 A training state loads on a different number of processes than it was saved on: ZeRO's
 partitions are converted once into a universal checkpoint (`state/universal/`, DeepSpeed's
 `ds_to_universal`) that every rank reads its new partition from.
+
+--optim muon (ZeRO-1/2): the optimizer is still ours (optim.MuonWithAdamW), told after
+`prepare` where each matrix lies in the flat partitions DeepSpeed hands it (`flat_layouts`),
+so clipping, the schedule and Muon's update are the DDP run's.
 """
 
 from __future__ import annotations
@@ -20,18 +24,20 @@ from __future__ import annotations
 import json
 import math
 import os
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
 
 import torch
 
 from ..config import TrainingConfig
 from ..errors import UsageError, first_line
+from ..optim import FlatLayout, MuonWithAdamW
 from .base import StepResult, plain_copy, reseed_new_rank
 from .ddp import DDPBackend
 from .launch import Topology, env_flag, resolve_mixed_precision
 
 UNIVERSAL_DIR = "universal"  # DeepSpeed's universal checkpoint of a state/, made on demand
+MUON_STATE = "momentum_buffer"  # MuonWithAdamW's (and torch.optim.Muon's) state of a matrix
 ZERO_TAG = "pytorch_model"  # the tag Accelerate's save_state gives DeepSpeed checkpoints
 
 
@@ -53,6 +59,14 @@ class DeepSpeedBackend(DDPBackend):
             return False
         offload = self.config.get("zero_optimization", {}).get("offload_optimizer", {})
         return offload.get("device", "none") in ("none", None)
+
+    def prepare(self, model, optimizer, make_optimizer=None):
+        model, optimizer = super().prepare(model, optimizer, make_optimizer)
+        engine = model
+        base = getattr(engine.optimizer, "optimizer", engine.optimizer)
+        if isinstance(base, MuonWithAdamW):
+            base.flat_layouts.update(flat_layouts(engine.optimizer))
+        return model, optimizer
 
     def micro_batch(self, model, last: bool):
         # The engine would divide by its accumulation steps again, and Accelerate's wrapper
@@ -268,6 +282,35 @@ def deepspeed_config(path: str, cfg: TrainingConfig, world_size: int) -> dict:
     return config
 
 
+def flat_layouts(zero) -> dict:
+    """{id(flat fp32 partition): FlatLayout} for the Muon groups of a ZeRO-1/2 optimizer
+    (DeepSpeedZeroOptimizer, or BF16_Optimizer: ZeRO-1 under bf16), read from where DeepSpeed
+    0.19 flattened each group: the matrices in its order, at its offsets (with the padding it
+    puts between them), cut into equal partitions over the group's data-parallel ranks."""
+    out = {}
+    for i, group in enumerate(zero.optimizer.param_groups):
+        if not group.get("muon"):
+            continue
+        if hasattr(zero, "round_robin_bit16_offsets"):  # stage_1_and_2.py
+            offsets = zero.round_robin_bit16_offsets[i]
+            shapes = [m.shape for m in zero.round_robin_bit16_meta[i]]
+            partition = zero.partition_size[i]
+        elif hasattr(zero, "fp32_groups_flat_partition"):  # bf16_optimizer.py: no gaps
+            shapes = [p.shape for p in zero.bf16_groups[i]]
+            offsets = [sum(s.numel() for s in shapes[:j]) for j in range(len(shapes))]
+            partition = zero.fp32_groups_flat_partition[i].numel()
+        else:
+            raise RuntimeError(f"--optim muon: {type(zero).__name__} is not a ZeRO-1/2 "
+                               "optimizer whose partitions this run knows how to read")
+        pg = zero.real_dp_process_group[i]
+        (flat,) = group["params"]
+        out[id(flat)] = FlatLayout(tuple(int(o) for o in offsets), tuple(shapes), int(partition),
+                                   torch.distributed.get_rank(pg),
+                                   torch.distributed.get_world_size(pg), pg)
+        assert flat.numel() == partition, (flat.numel(), partition)
+    return out
+
+
 def deepspeed_device() -> None:
     """Point DeepSpeed at the CPU where there is no CUDA (its own detection looks for CUDA)."""
     if not torch.cuda.is_available():
@@ -341,8 +384,14 @@ def _convert_to_universal(state_dir: Path, tags: list[str], final: Path) -> str 
                                       num_merge_workers=1, keep_temp_folder=False, strict=True,
                                       inject_missing_state=True)
             log = io.StringIO()  # its progress prints and bars, kept out of the run's output
-            with contextlib.redirect_stdout(log), contextlib.redirect_stderr(log):
+            muon = set()
+            with contextlib.redirect_stdout(log), contextlib.redirect_stderr(log), \
+                    _muon_momentum_as_adam_moments(muon):
                 ds_to_universal.main(args)
+            for name in muon:  # each Muon matrix's momentum, under its own name again
+                folder = tmp / tag / "zero" / name
+                (folder / "exp_avg.pt").rename(folder / f"{MUON_STATE}.pt")
+                (folder / "exp_avg_sq.pt").unlink()
         try:
             os.rename(tmp, final)
         except OSError:
@@ -353,6 +402,36 @@ def _convert_to_universal(state_dir: Path, tags: list[str], final: Path) -> str 
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return None
+
+
+@contextmanager
+def _muon_momentum_as_adam_moments(names: set):
+    """DeepSpeed 0.19.8's ds_to_universal carries AdamW's state only (`exp_avg` and
+    `exp_avg_sq` are named in it): while it runs, a partition of Muon's momentum is read as
+    `exp_avg` (with zeros for `exp_avg_sq`), and the names of its matrices are added to
+    `names`, so the caller can name their files back. The universal loader then restores
+    whatever state files it finds, Muon's momentum among them."""
+    from deepspeed.checkpoint.constants import (BASE_OPTIMIZER_STATE, OPTIMIZER_STATE_DICT,
+                                                PARAM_SLICE_MAPPINGS)
+    from deepspeed.checkpoint.deepspeed_checkpoint import DeepSpeedCheckpoint
+
+    read = DeepSpeedCheckpoint.get_zero_checkpoint_state
+
+    def get_zero_checkpoint_state(self, *args, **kwargs):
+        sd = read(self, *args, **kwargs)
+        optimizer = sd[OPTIMIZER_STATE_DICT]
+        for group, state in optimizer[BASE_OPTIMIZER_STATE]["state"].items():
+            if MUON_STATE in state and "exp_avg" not in state:
+                state["exp_avg"] = state[MUON_STATE]
+                state["exp_avg_sq"] = torch.zeros_like(state[MUON_STATE])
+                names.update(optimizer[PARAM_SLICE_MAPPINGS][group])
+        return sd
+
+    DeepSpeedCheckpoint.get_zero_checkpoint_state = get_zero_checkpoint_state
+    try:
+        yield
+    finally:
+        DeepSpeedCheckpoint.get_zero_checkpoint_state = read
 
 
 def _universal_loader(engine, universal: Path):
