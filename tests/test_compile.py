@@ -96,3 +96,17 @@ def test_compiled_bf16_sft_with_packing_and_padding_trains(tmp_path, corpus_dir,
         assert len(evals) == 3 and evals[-1] < evals[0], evals
         assert dict(counters["graph_break"]) == {}, dict(counters["graph_break"])
     dynamo.reset()
+
+
+def test_compiled_bf16_muon_run_steps_outside_the_graphs(tmp_path, corpus_dir, tokenizer_dir,
+                                                         toy_config_dir, dynamo_counts):
+    """--optim muon with --torch_compile and bf16: Muon's Newton-Schulz runs eagerly in the
+    optimizer step, after the compiled blocks' backward, and breaks or recompiles nothing."""
+    out = tmp_path / "run"
+    argv = toy_args(corpus_dir, tokenizer_dir, toy_config_dir, out, max_steps=4, eval_steps=4,
+                    torch_compile=True, mixed_precision="bf16", num_samples=0)
+    run_cli(train_clm.main, TYPES, argv + ["--optim", "muon"])
+    assert dict(dynamo_counts["graph_break"]) == {}, "no graph break"
+    assert dynamo_counts["stats"]["unique_graphs"] <= 3, dict(dynamo_counts["stats"])
+    losses = [r["loss"] for r in metrics(out) if "loss" in r]
+    assert len(losses) == 4 and losses[-1] < losses[0] - 0.2, losses
