@@ -85,6 +85,29 @@ def test_sigkill_after_checkpoint_then_resume_twice(tmp_path, args_for, referenc
 
 
 @pytest.mark.slow
+def test_a_muon_run_killed_after_a_checkpoint_resumes_exactly(tmp_path, args_for):
+    """SIGKILL under --optim muon: Muon's momentum (and its warmup, a function of the step)
+    and AdamW's moments come back from the checkpoint, so the run ends as one never killed."""
+    muon = ["--optim", "muon", "--muon_momentum_warmup_steps", "6"]
+    ref, out = tmp_path / "ref", tmp_path / "run"
+    proc = subprocess.run(script(args_for(ref, max_steps=12) + muon), capture_output=True,
+                          text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    proc = subprocess.Popen(script(args_for(out, max_steps=12) + muon), stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    wait_for((ckpt.checkpoint_root(out) / "step-4").is_dir, proc)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert not (out / "model.safetensors").exists(), "killed before the end"
+    proc = subprocess.run(script(args_for(out, max_steps=12) + muon +
+                                 ["--resume_from_checkpoint", "latest"]),
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "resumed from" in proc.stdout
+    assert_same_run(out, ref, max_steps=12)
+
+
+@pytest.mark.slow
 def test_sigterm_saves_exits_0_and_continues_identically(tmp_path, args_for, reference):
     out = tmp_path / "run"
     # its own process group, signalled whole, as Slurm and Ctrl-C do: the 2 DataLoader workers
