@@ -21,6 +21,7 @@ import hashlib
 import json
 import os
 import shutil
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -47,13 +48,63 @@ def save_model_folder(model, tokenizer, dest: str | Path) -> Path:
     dest.mkdir(parents=True, exist_ok=True)
     tmp = dest / ".model.tmp"
     shutil.rmtree(tmp, ignore_errors=True)
-    model.save_pretrained(tmp, safe_serialization=True)
+    with _inference_config(model):
+        model.save_pretrained(tmp, safe_serialization=True)
     tokenizer.save_pretrained(tmp)
+    _portable_tokenizer_config(tmp / "tokenizer_config.json", model.config)
     for f in sorted(tmp.iterdir()):
         _fsync(f)
         os.replace(f, dest / f.name)
     tmp.rmdir()
     return dest
+
+
+# transformers 5 saves a tokenizer by its backend's class; transformers 4 (and what pins it, such
+# as optimum-onnx) knows these by their older names, which 5 still reads as the same classes
+PORTABLE_TOKENIZER_CLASSES = {"TokenizersBackend": "PreTrainedTokenizerFast",
+                              "GPT2Tokenizer": "GPT2TokenizerFast"}
+
+
+@contextmanager
+def _inference_config(model):
+    """The model's config as a folder's users need it, while it is saved: the KV cache on for
+    generation (training turns it off in memory, and every training forward passes
+    use_cache=False itself), and GPT-2's `n_ctx` (n_positions by its old name, which
+    llama.cpp's GGUF converter reads)."""
+    config, gen = model.config, getattr(model, "generation_config", None)
+    before = config.use_cache, getattr(gen, "use_cache", None)
+    config.use_cache = True
+    if gen is not None:
+        gen.use_cache = True
+    if getattr(config, "model_type", None) == "gpt2":
+        config.n_ctx = config.n_positions
+    try:
+        yield
+    finally:
+        config.use_cache = before[0]
+        if gen is not None:
+            gen.use_cache = before[1]
+
+
+def _portable_tokenizer_config(path: Path, config) -> None:
+    """tokenizer_config.json as transformers 4 and 5 both load it, with the model's limits: its
+    class by a name both know, `model_max_length` no longer than the model's positions (so
+    `truncation=True` fits the model), and a pad token (EOS, the one generation already pads
+    with) where it has none."""
+    if not path.is_file():
+        return
+    data = json.loads(path.read_text())
+    for flag in ("is_local", "local_files_only"):  # how it was loaded, not what it is
+        data.pop(flag, None)
+    name = data.get("tokenizer_class")
+    data["tokenizer_class"] = PORTABLE_TOKENIZER_CLASSES.get(name, name)
+    positions = getattr(config, "n_positions", None) or getattr(
+        config, "max_position_embeddings", None)
+    if positions:
+        data["model_max_length"] = min(int(data.get("model_max_length") or positions), positions)
+    if data.get("pad_token") is None and data.get("eos_token") is not None:
+        data["pad_token"] = data["eos_token"]
+    path.write_text(json.dumps(data, indent=2, ensure_ascii=False) + "\n")
 
 
 def _fsync(path: Path) -> None:

@@ -132,7 +132,7 @@ def run_training(backend: Backend, configs: dict, model, tokenizer, batches, hel
     """Train `model` on `batches` (an endless loader with state_dict/load_state_dict) and write
     the output folder; `heldout` is what loop.evaluate takes; `configs` the run's config
     dataclasses by section (recorded with what `record` adds, e.g. SFT's example counts);
-    `finalize(model, output_dir)`, on the main process, turns the trained model into the one
+    `finalize(model, tokenizer, output_dir)`, on the main process, turns the trained model into the one
     the final folder holds (finetuning merges LoRA adapters there); `extra_evals`, functions
     `(model, backend) -> {"eval_<metric>": ..}`, run beside the held-out loss."""
     train_cfg, seq_len = configs["training"], configs["data"].block_size
@@ -279,7 +279,7 @@ class Session:
         final_model = self.backend.full_model(self.model)  # collective if sharded
         if self.main:
             if self.finalize is not None:
-                final_model = self.finalize(final_model, self.out)
+                final_model = self.finalize(final_model, self.tokenizer, self.out)
             with models.eager():
                 samples = outputs.finish_run(self.cfg.output_dir, final_model, self.tokenizer,
                                              self.run, self.cfg)

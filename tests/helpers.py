@@ -232,3 +232,35 @@ class HostReads:
             finally:
                 self.off -= 1
         return uncounted
+
+
+def assert_folder_serves_users(folder, positions: int | None = None) -> None:
+    """What the tools users take a folder to next read from it (transformers 4 and 5, lm-eval,
+    optimum's ONNX export, llama.cpp's GGUF converter): the tokenizer under a class name both
+    transformers majors know, its limits the model's (a long input truncates to the model's
+    positions) and a pad token; and, for a model folder, `n_ctx`, and generation with a KV
+    cache by default. `positions`: the model's, for a folder without config.json (adapters)."""
+    import json
+
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    folder = Path(folder)
+    tok_cfg = json.loads((folder / "tokenizer_config.json").read_text())
+    assert tok_cfg["tokenizer_class"] in ("PreTrainedTokenizerFast", "GPT2TokenizerFast"), tok_cfg
+    has_model = (folder / "config.json").is_file()
+    if has_model:
+        config = json.loads((folder / "config.json").read_text())
+        assert config["use_cache"] is True and config["n_ctx"] == config["n_positions"], config
+        gen = json.loads((folder / "generation_config.json").read_text())
+        assert gen.get("use_cache", True) is True, gen
+        positions = config["n_positions"]
+    tok = AutoTokenizer.from_pretrained(folder)
+    assert tok.model_max_length == positions and tok.pad_token == tok.eos_token
+    ids = tok("a word " * (4 * positions), truncation=True, return_tensors="pt")["input_ids"]
+    assert ids.shape == (1, positions)
+    if has_model:
+        model = AutoModelForCausalLM.from_pretrained(folder).eval()
+        assert model.config.use_cache and model(ids).logits.shape[1] == positions
+        out = model.generate(ids[:, :8], max_new_tokens=4, do_sample=False,
+                             return_dict_in_generate=True, pad_token_id=tok.pad_token_id)
+        assert out.past_key_values is not None, "generation ran without a KV cache"

@@ -14,7 +14,8 @@ import torch
 from safetensors.torch import load_file
 
 from clm import checkpoint as ckpt
-from helpers import ROOT, assert_same_training, metrics, reset_accelerate, run, toy_args
+from helpers import (ROOT, assert_folder_serves_users, assert_same_training, metrics,
+                     reset_accelerate, run, toy_args)
 
 
 def losses(out):
@@ -127,6 +128,22 @@ def test_sigterm_saves_exits_0_and_continues_identically(tmp_path, args_for, ref
                           capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert_same_run(out, reference)
+
+
+def test_every_folder_it_writes_serves_generation_and_downstream_tools(tmp_path, args_for):
+    """The final folder, a checkpoint's HF folder and an export of its state: KV cache on in
+    config.json (the training forward still runs without one), n_ctx, a tokenizer that
+    transformers 4 loads, truncating to the model's 64 positions, with a pad token."""
+    from clm import export
+
+    out = tmp_path / "run"
+    run(args_for(out, max_steps=4, save_steps=4, dataloader_num_workers=0))
+    folders = [out, ckpt.checkpoint_root(out) / "step-4",
+               export.export(ckpt.checkpoint_root(out) / "step-4", tmp_path / "exported")]
+    for folder in folders:
+        assert_folder_serves_users(folder)
+    tok_cfg = json.loads((out / "tokenizer_config.json").read_text())
+    assert tok_cfg["model_max_length"] == 64 and tok_cfg["pad_token"] == "<|endoftext|>"
 
 
 def test_damaged_newest_falls_back_and_rotation_keeps_newest(tmp_path, args_for, capsys):

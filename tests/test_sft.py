@@ -13,7 +13,8 @@ from clm import sft
 from clm.config import ModelConfig, TrainingConfig, parse_config, run_cli
 from clm.corpus import build_sft_records
 from clm.task_eval import GenerationEvalConfig
-from helpers import ROOT, assert_same_records, metrics, run, torchrun, toy_args, world_of
+from helpers import (ROOT, assert_folder_serves_users, assert_same_records, metrics, run,
+                     torchrun, toy_args, world_of)
 
 sys.path.insert(0, str(ROOT / "finetune"))
 import run_sft  # noqa: E402
@@ -433,6 +434,13 @@ def test_lora_trains_adapters_only_then_merges_and_exports(tmp_path, pretrained)
     assert not torch.equal(tuned["transformer.h.0.attn.c_attn.weight"],
                            base["transformer.h.0.attn.c_attn.weight"])
     assert (out / "adapter" / "adapter_config.json").is_file()
+    # the adapter folder carries the tokenizer and chat template it was trained with
+    from transformers import AutoTokenizer
+
+    assert AutoTokenizer.from_pretrained(out / "adapter").chat_template == \
+        AutoTokenizer.from_pretrained(out).chat_template is not None
+    for folder in (out, out / "adapter"):
+        assert_folder_serves_users(folder, positions=64)
     evals = [r["eval_loss"] for r in metrics(out) if "eval_loss" in r]
     assert evals[-1] < evals[0]
     exported = export.export(out / "checkpoints" / "step-6", tmp_path / "exported")
@@ -447,6 +455,7 @@ def test_lora_trains_adapters_only_then_merges_and_exports(tmp_path, pretrained)
                  ["--merge_adapters", "false"])
     assert (unmerged / "adapter_config.json").is_file()
     assert not (unmerged / "model.safetensors").exists()
+    assert_folder_serves_users(unmerged, positions=64)
     with torch.no_grad():  # transformers loads an adapter folder through peft
         c = AutoModelForCausalLM.from_pretrained(unmerged).eval()(ids).logits
     torch.testing.assert_close(c, a, rtol=1e-4, atol=1e-5)

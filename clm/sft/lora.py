@@ -81,9 +81,12 @@ def add_lora(model, args: LoraArgs):
                          "modules of this model)") from None
 
 
-def merge_lora(model, output_dir):
-    """Save the adapters to output_dir/adapter, then return the model with them merged in."""
+def merge_lora(model, tokenizer, output_dir):
+    """Save the adapters to output_dir/adapter, with the tokenizer and its chat template (so
+    the folder is usable on its own), then return the model with them merged in."""
     from pathlib import Path
 
-    model.save_pretrained(Path(output_dir) / "adapter")
+    from ..checkpoint import save_model_folder
+
+    save_model_folder(model, tokenizer, Path(output_dir) / "adapter")
     return model.merge_and_unload()
