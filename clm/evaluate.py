@@ -5,13 +5,18 @@
 HellaSwag (https://rowanzellers.com/hellaswag): each example is a context `ctx` and 4 `endings`,
 one of them right (`label`). Each ending is scored as `" " + ending` appended to the context:
 `acc` picks the ending with the highest summed log-likelihood of its tokens given the context,
-`acc_norm` the highest mean log-likelihood per ending token (as llm.c reports it). The data is
+`acc_norm` the highest log-likelihood per character of the ending (lm-evaluation-harness's
+`acc_norm`, whose per-ending log-likelihoods these are: tests/test_evaluate.py runs both), and
+`acc_norm_token` the highest mean per ending token (the figure llm.c reports as acc_norm). The
+data is
 the validation split of Rowan/hellaswag (10,042 examples, from the Hub), or `--data_files FILE`:
 JSON lines in the same format, {"ctx": str, "endings": [4 str], "label": 0-3 (or "0"-"3")}.
 A context + ending longer than the model's context window loses tokens from the left of the
-context; the ending is kept whole.
+context, as in lm-eval (the window holds the last n_positions + 1 tokens, the last of which is
+only predicted); the ending is kept whole.
 
-The last line of stdout is JSON: {"hellaswag": {"acc": .., "acc_norm": .., "n": ..}}.
+The last line of stdout is JSON: {"hellaswag": {"acc": .., "acc_norm": .., "acc_norm_token": ..,
+"n": ..}}.
 
 Sequences are scored in batches of `--batch_size` (4 per example), right-padded: a causal
 model's position t sees only positions <= t, so the padding after a sequence never reaches its
@@ -188,8 +193,9 @@ def encode_hellaswag(tokenizer, examples: list[dict], max_len: Optional[int] = N
     """Per example, 4 (token ids of ctx + " " + ending, number of ending tokens scored).
 
     Context and ending are tokenized apart and joined, so the ending's tokens are the same
-    whatever the context. Past `max_len` tokens the context is cut from the left; an ending that
-    alone fills the window keeps its last max_len tokens, the first of them unscored."""
+    whatever the context. Past `max_len` + 1 tokens (the last token is predicted, never fed)
+    the context is cut from the left; an ending that alone fills the window keeps its last
+    max_len + 1 tokens, the first of them unscored."""
     if not examples:
         return []
     ctxs = tokenizer([e["ctx"] for e in examples], add_special_tokens=False)["input_ids"]
@@ -200,8 +206,8 @@ def encode_hellaswag(tokenizer, examples: list[dict], max_len: Optional[int] = N
         seqs = []
         for end in ends[4 * i:4 * i + 4]:
             ids = list(ctx) + list(end)
-            if max_len and len(ids) > max_len:
-                ids = ids[-max_len:]
+            if max_len and len(ids) > max_len + 1:
+                ids = ids[-(max_len + 1):]
             scored = min(len(end), len(ids) - 1)
             if scored < 1:
                 raise ValueError(f"example {i}: an ending gives no token to score")
@@ -212,7 +218,8 @@ def encode_hellaswag(tokenizer, examples: list[dict], max_len: Optional[int] = N
 
 def _sequence_logprobs(model, seqs, batch_size: int, device, autocast=None, passes: int = 0,
                        filler=None) -> list[float]:
-    """Summed log-probability of each sequence's scored (last) tokens, in input order.
+    """Summed log-probability of each sequence's scored (last) tokens, in input order. A
+    sequence is fed without its last token, which only the logits before it predict.
 
     Longest first, `batch_size` sequences a pass, right-padded, no attention mask (see the
     module docstring). At least `passes` forward passes are run, the extra ones on `filler`
@@ -224,12 +231,12 @@ def _sequence_logprobs(model, seqs, batch_size: int, device, autocast=None, pass
     for b in range(max(passes, len(batches))):
         counted = b < len(batches)
         rows = [seqs[k] for k in batches[b]] if counted else [filler]
-        width = max(len(ids) for ids, _ in rows)
+        width = max(len(ids) for ids, _ in rows) - 1
         input_ids = torch.zeros(len(rows), width, dtype=torch.long)  # pad id: never attended to
         targets = torch.full((len(rows), width), -100, dtype=torch.long)
         for r, (ids, scored) in enumerate(rows):
             n = len(ids)
-            input_ids[r, :n] = torch.tensor(ids)
+            input_ids[r, :n - 1] = torch.tensor(ids[:-1])
             # the logits at position t predict token t+1: the scored tokens are the last ones
             targets[r, n - 1 - scored:n - 1] = torch.tensor(ids[n - scored:])
         with (autocast() if autocast else nullcontext()):
@@ -280,12 +287,16 @@ def _score(model, tokenizer, examples, batch_size, device, autocast, passes=0, f
     counts = [s for _, s in seqs]
     return [{"sum_logprob": sums[4 * i:4 * i + 4],
              "mean_logprob": [s / c for s, c in zip(sums[4 * i:4 * i + 4], counts[4 * i:4 * i + 4])],
+             # lm-eval divides by len(choice): characters of the ending, without its space
+             "char_logprob": [s / max(1, len(x)) for s, x in zip(sums[4 * i:4 * i + 4],
+                                                                e["endings"])],
              "label": e["label"]} for i, e in enumerate(examples)]
 
 
 def score_hellaswag(model, tokenizer, examples: list[dict], batch_size: int = 32, device=None,
                     autocast: Optional[Callable] = None) -> list[dict]:
-    """Per example {"sum_logprob": [4], "mean_logprob": [4], "label": int}, in order; this
+    """Per example {"sum_logprob": [4], "mean_logprob": [4] (per ending token),
+    "char_logprob": [4] (per character of the ending), "label": int}, in order; this
     process scores all of `examples` (no sharding). `device`: where the inputs go (default: the
     model's); `autocast`: a context-manager factory the forward passes run in (e.g.
     accelerator.autocast)."""
@@ -299,8 +310,9 @@ def _argmax(values: list[float]) -> int:
 
 def hellaswag_counts(model, tokenizer, examples: list[dict], batch_size: int = 32, device=None,
                      autocast: Optional[Callable] = None,
-                     topology: Topology = Topology()) -> tuple[int, int, int]:
-    """(correct by summed log-likelihood, correct by mean log-likelihood, examples scored),
+                     topology: Topology = Topology()) -> tuple[int, int, int, int]:
+    """(correct by summed log-likelihood, by log-likelihood per character of the ending, by
+    mean log-likelihood per ending token, examples scored),
     over all of `examples`. On more than one process (`topology`) every rank must call it
     with the same examples: each scores examples[rank::world], all run the same number of
     forward passes, and the counts are summed over ranks (on `device`, so it must suit the
@@ -312,9 +324,9 @@ def hellaswag_counts(model, tokenizer, examples: list[dict], batch_size: int = 3
     passes = math.ceil(4 * math.ceil(len(examples) / world) / batch_size)
     with _eval_mode(model):
         scores = _score(model, tokenizer, mine, batch_size, device, autocast, passes, examples)
-    correct = sum(_argmax(s["sum_logprob"]) == s["label"] for s in scores)
-    correct_norm = sum(_argmax(s["mean_logprob"]) == s["label"] for s in scores)
-    counts = torch.tensor([correct, correct_norm, len(scores)], dtype=torch.long, device=device)
+    counts = [sum(_argmax(s[key]) == s["label"] for s in scores)
+              for key in ("sum_logprob", "char_logprob", "mean_logprob")]
+    counts = torch.tensor(counts + [len(scores)], dtype=torch.long, device=device)
     if world > 1:
         torch.distributed.all_reduce(counts)
     return tuple(int(x) for x in counts.tolist())
@@ -323,13 +335,14 @@ def hellaswag_counts(model, tokenizer, examples: list[dict], batch_size: int = 3
 def hellaswag_scores(model, tokenizer, examples: list[dict], batch_size: int = 32, device=None,
                      autocast: Optional[Callable] = None,
                      topology: Topology = Topology()) -> dict:
-    """{"acc", "acc_norm", "n"} over `examples` (see hellaswag_counts; every rank gets the same
+    """{"acc", "acc_norm", "acc_norm_token", "n"} over `examples` (see the module docstring
+    and hellaswag_counts; every rank gets the same
     result). The model's training mode is restored after."""
     if not examples:
         raise ValueError("hellaswag_scores needs at least one example")
-    correct, correct_norm, n = hellaswag_counts(model, tokenizer, examples, batch_size, device,
-                                                autocast, topology)
-    return {"acc": correct / n, "acc_norm": correct_norm / n, "n": n}
+    correct, by_char, by_token, n = hellaswag_counts(model, tokenizer, examples, batch_size,
+                                                     device, autocast, topology)
+    return {"acc": correct / n, "acc_norm": by_char / n, "acc_norm_token": by_token / n, "n": n}
 
 
 # ----------------------------------------------------------------------------- in training
@@ -339,8 +352,8 @@ class BenchmarkEvalConfig:
     """Downstream benchmarks scored at each evaluation of a training run."""
 
     eval_tasks: list[str] = field(default_factory=list, metadata={
-        "help": f"Benchmarks scored at every evaluation, logged as eval_<task>_acc_norm "
-                f"(and _acc): {', '.join(TASKS)}."})
+        "help": f"Benchmarks scored at every evaluation, logged as eval_<task>_acc, _acc_norm "
+                f"(lm-eval's, per character) and _acc_norm_token (llm.c's): {', '.join(TASKS)}."})
     eval_tasks_limit: Optional[int] = _help(
         "Examples of each benchmark scored at each evaluation (0: all).", default=500)
     eval_tasks_data_files: Optional[str] = _help(
@@ -371,8 +384,8 @@ def make_benchmark_eval(cfg: BenchmarkEvalConfig, tokenizer, batch_size: int):
         for task, examples in data.items():
             scores = hellaswag_scores(model, tokenizer, examples, batch_size, backend.device,
                                       backend.accelerator.autocast, backend.topology)
-            results.update({f"eval_{task}_acc": scores["acc"],
-                            f"eval_{task}_acc_norm": scores["acc_norm"]})
+            results.update({f"eval_{task}_{k}": scores[k]
+                            for k in ("acc", "acc_norm", "acc_norm_token")})
         return results
     return run
 

@@ -86,8 +86,8 @@ def independent_scores(model, tokenizer, examples):
             sums, means = [], []
             for ending in e["endings"]:
                 end = tokenizer(" " + ending, add_special_tokens=False)["input_ids"]
-                ids = (ctx + end)[-N_POSITIONS:]
-                logits = model(torch.tensor([ids])).logits[0]
+                ids = (ctx + end)[-(N_POSITIONS + 1):]  # the last token is only predicted
+                logits = model(torch.tensor([ids[:-1]])).logits[0]
                 logp = torch.log_softmax(logits.float(), dim=-1)
                 start = len(ids) - len(end)
                 total = sum(logp[j - 1, ids[j]].item() for j in range(start, len(ids)))
@@ -116,13 +116,17 @@ def test_scores_match_independent_computation(loaded, model_dir, data_file, caps
     ref = independent_scores(model, tokenizer, EXAMPLES)
     labels = [int(e["label"]) for e in EXAMPLES]
     acc = sum(best(s) == y for (s, _), y in zip(ref, labels)) / len(labels)
-    acc_norm = sum(best(m) == y for (_, m), y in zip(ref, labels)) / len(labels)
-    # the data tells the two apart: some example's best ending differs between sum and mean
+    acc_norm_token = sum(best(m) == y for (_, m), y in zip(ref, labels)) / len(labels)
+    per_char = [[v / len(x) for v, x in zip(s, e["endings"])] for (s, _), e in zip(ref, EXAMPLES)]
+    acc_norm = sum(best(c) == y for c, y in zip(per_char, labels)) / len(labels)
+    # the data tells the three apart: some example's best ending differs between them
     assert any(best(s) != best(m) for s, m in ref)
+    assert acc_norm != acc_norm_token
 
     got = evaluate_cli(capsys, "--model", model_dir, "--tasks", "hellaswag",
                        "--data_files", data_file, "--batch_size", 5, "--device", "cpu")
-    assert got == {"hellaswag": {"acc": acc, "acc_norm": acc_norm, "n": len(EXAMPLES)}}
+    assert got == {"hellaswag": {"acc": acc, "acc_norm": acc_norm,
+                                 "acc_norm_token": acc_norm_token, "n": len(EXAMPLES)}}
 
     scores = score_hellaswag(model, tokenizer, load_hellaswag(str(data_file)), batch_size=5)
     assert [s["label"] for s in scores] == labels
@@ -159,7 +163,7 @@ def test_cli_entry_point(model_dir, data_file):
     assert proc.returncode == 0, proc.stderr[-2000:]
     result = json.loads(proc.stdout.strip().splitlines()[-1])
     assert set(result) == {"hellaswag"} and result["hellaswag"]["n"] == 3
-    assert set(result["hellaswag"]) == {"acc", "acc_norm", "n"}
+    assert set(result["hellaswag"]) == {"acc", "acc_norm", "acc_norm_token", "n"}
 
 
 def test_ranks_share_the_examples(loaded, data_file, monkeypatch):
@@ -181,7 +185,7 @@ def test_ranks_share_the_examples(loaded, data_file, monkeypatch):
             hook.remove()
         passes.append(len(calls))
     assert passes == [4, 4]
-    assert [r[2] for r in reduced] == [3, 2]
+    assert [r[3] for r in reduced] == [3, 2]
     assert tuple(map(sum, zip(*reduced))) == whole
 
 
@@ -287,3 +291,33 @@ def test_unknown_eval_task_stops_pretraining_before_work(tmp_path, capsys, corpu
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "unknown --eval_tasks winogrande" in err[0]
     assert not (tmp_path / "o").exists()
+
+
+def test_loglikelihoods_and_accuracies_are_lm_evals(loaded, data_file, tmp_path):
+    """lm-evaluation-harness scores the same local items on the same in-memory model (HFLM):
+    each ending's log-likelihood is ours, and so are its acc and acc_norm (per character); the
+    long context is cut as lm-eval cuts it."""
+    from lm_eval import simple_evaluate
+    from lm_eval.models.huggingface import HFLM
+    from lm_eval.tasks import TaskManager
+
+    model, tokenizer = loaded
+    (tmp_path / "tasks").mkdir()
+    (tmp_path / "tasks" / "local_hellaswag.yaml").write_text(
+        "task: local_hellaswag\ndataset_path: json\n"
+        f"dataset_kwargs:\n  data_files:\n    validation: {data_file}\n"
+        "validation_split: validation\noutput_type: multiple_choice\n"
+        "doc_to_text: '{{ctx}}'\ndoc_to_choice: '{{endings}}'\ndoc_to_target: '{{label | int}}'\n"
+        "metric_list:\n  - metric: acc\n  - metric: acc_norm\n")
+    lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=4, device="cpu")
+    out = simple_evaluate(model=lm, tasks=["local_hellaswag"], log_samples=True,
+                          task_manager=TaskManager(include_path=str(tmp_path / "tasks")))
+    samples = sorted(out["samples"]["local_hellaswag"], key=lambda r: r["doc_id"])
+    theirs = [[resp[0][0] for resp in r["resps"]] for r in samples]
+    ours = score_hellaswag(model, tokenizer, load_hellaswag(str(data_file)), batch_size=4)
+    assert len(theirs) == len(ours) == len(EXAMPLES)
+    for mine, other in zip(ours, theirs):
+        assert mine["sum_logprob"] == pytest.approx(other, abs=1e-4)
+    result, scores = out["results"]["local_hellaswag"], hellaswag_scores(
+        model, tokenizer, load_hellaswag(str(data_file)), 4)
+    assert (result["acc,none"], result["acc_norm,none"]) == (scores["acc"], scores["acc_norm"])
