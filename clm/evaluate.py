@@ -352,32 +352,43 @@ class BenchmarkEvalConfig:
     """Downstream benchmarks scored at each evaluation of a training run."""
 
     eval_tasks: list[str] = field(default_factory=list, metadata={
-        "help": f"Benchmarks scored at every evaluation, logged as eval_<task>_acc, _acc_norm "
-                f"(lm-eval's, per character) and _acc_norm_token (llm.c's): {', '.join(TASKS)}."})
+        "help": "Benchmarks scored at every evaluation: hellaswag (built in, logged as "
+                "eval_hellaswag_acc, _acc_norm (lm-eval's, per character) and _acc_norm_token "
+                "(llm.c's)), or any lm-evaluation-harness task with lm-eval installed (its "
+                "registry, the shipped demo_choice, demo_perplexity and demo_generate, or "
+                "--eval_tasks_include_path), logged as eval_<task>_<metric>."})
     eval_tasks_limit: Optional[int] = _help(
         "Examples of each benchmark scored at each evaluation (0: all).", default=500)
     eval_tasks_data_files: Optional[str] = _help(
         f"Local HellaSwag JSON lines for --eval_tasks (default: {HELLASWAG_HUB} from the Hub).",
         default=None)
+    eval_tasks_include_path: Optional[str] = _help(
+        "A folder of lm-eval task YAMLs for --eval_tasks (besides its registry and the shipped "
+        "tasks).", default=None)
 
     def __post_init__(self):
-        self.eval_tasks = [t.strip() for item in self.eval_tasks or []
-                           for t in item.split(",") if t.strip()]
-        unknown = [t for t in self.eval_tasks if t not in TASKS]
-        if unknown:
-            raise UsageError(f"unknown --eval_tasks {','.join(unknown)} (choose from: "
-                             f"{', '.join(TASKS)})")
+        self.eval_tasks = list(dict.fromkeys(t.strip() for item in self.eval_tasks or []
+                                             for t in item.split(",") if t.strip()))
         if self.eval_tasks_limit is not None and self.eval_tasks_limit < 0:
             raise UsageError("--eval_tasks_limit must be >= 0 (0: every example)")
 
 
 def make_benchmark_eval(cfg: BenchmarkEvalConfig, tokenizer, batch_size: int):
     """The function the loop calls at each evaluation, `fn(model, backend) -> dict`, or
-    None without --eval_tasks; the data is read and checked now, before any training."""
+    None without --eval_tasks; the data is read and the tasks checked now, before any
+    training (lm-eval's tasks by clm.harness)."""
     if not cfg.eval_tasks:
         return None
-    data = {task: load_hellaswag(cfg.eval_tasks_data_files, cfg.eval_tasks_limit or None)
-            for task in cfg.eval_tasks}
+    limit = cfg.eval_tasks_limit or None
+    others = [task for task in cfg.eval_tasks if task not in TASKS]
+    harness = None
+    if others:  # names first: a wrong one is an error before any data is read
+        from .harness import make_harness_eval
+
+        harness = make_harness_eval(others, cfg.eval_tasks_include_path, tokenizer, batch_size,
+                                    limit)
+    data = {task: load_hellaswag(cfg.eval_tasks_data_files, limit)
+            for task in cfg.eval_tasks if task in TASKS}
 
     def run(model, backend) -> dict:
         results = {}
@@ -386,6 +397,8 @@ def make_benchmark_eval(cfg: BenchmarkEvalConfig, tokenizer, batch_size: int):
                                       backend.accelerator.autocast, backend.topology)
             results.update({f"eval_{task}_{k}": scores[k]
                             for k in ("acc", "acc_norm", "acc_norm_token")})
+        if harness is not None:
+            results.update(harness(model, backend))
         return results
     return run
 

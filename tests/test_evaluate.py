@@ -284,13 +284,81 @@ def test_unknown_eval_task_stops_pretraining_before_work(tmp_path, capsys, corpu
     from helpers import TYPES, toy_args
 
     argv = toy_args(corpus_dir, tokenizer_dir, toy_config_dir, tmp_path / "o") + [
-        "--eval_tasks", "winogrande"]
+        "--eval_tasks", "hellaswag,demo_choice,no_such_task"]
     with pytest.raises(SystemExit) as e:
         run_cli(train_clm.main, TYPES + [BenchmarkEvalConfig], argv)
     assert e.value.code == 2
     err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and "unknown --eval_tasks winogrande" in err[0]
+    assert len(err) == 1 and "unknown --eval_tasks no_such_task (not hellaswag" in err[0], err
     assert not (tmp_path / "o").exists()
+
+
+def test_lm_eval_tasks_without_lm_eval_are_one_line_errors(tmp_path, capsys, corpus_dir,
+                                                            tokenizer_dir, toy_config_dir,
+                                                            monkeypatch):
+    import sys
+
+    import train_clm
+    from clm.config import run_cli
+    from clm.evaluate import BenchmarkEvalConfig
+    from helpers import TYPES, toy_args
+
+    monkeypatch.setitem(sys.modules, "lm_eval.tasks", None)  # as if not installed
+    argv = toy_args(corpus_dir, tokenizer_dir, toy_config_dir, tmp_path / "o") + [
+        "--eval_tasks", "demo_choice"]
+    with pytest.raises(SystemExit) as e:
+        run_cli(train_clm.main, TYPES + [BenchmarkEvalConfig], argv)
+    err = capsys.readouterr().err.strip().splitlines()
+    assert e.value.code == 2 and len(err) == 1, err
+    assert "lm-evaluation-harness, which is not installed (pip install 'lm-eval>=0.4.13'" in err[0]
+    assert not (tmp_path / "o").exists()
+
+
+@pytest.mark.slow
+def test_lm_eval_tasks_run_in_the_loop_on_the_training_model(tmp_path, corpus_dir,
+                                                              tokenizer_dir):
+    """--eval_tasks with the shipped lm-eval tasks (multiple choice, rolling perplexity,
+    generation) beside hellaswag: logged at each evaluation; the final figures are lm-eval's on
+    the saved folder; and the run trains exactly as without them (with dropout on: the model
+    goes back to training mode, the RNG states are left as they were)."""
+    import train_clm
+    from lm_eval import simple_evaluate
+    from lm_eval.models.huggingface import HFLM
+    from transformers import AutoTokenizer, GPT2Config
+
+    from clm import harness
+    from clm.config import run_cli
+    from clm.evaluate import BenchmarkEvalConfig
+    from clm.sampling import load_model
+    from helpers import TYPES, metrics, toy_args
+
+    dropout = tmp_path / "dropout_config"
+    GPT2Config(n_layer=2, n_head=2, n_embd=64, n_positions=64, resid_pdrop=0.1,
+               embd_pdrop=0.1, attn_pdrop=0.1).save_pretrained(dropout)
+    tasks = ["demo_choice", "demo_perplexity", "demo_generate"]
+    runs = {}
+    for name, extra in (("with", ["--eval_tasks", ",".join(tasks), "--eval_tasks_limit", "4"]),
+                        ("without", [])):
+        runs[name] = tmp_path / name
+        run_cli(train_clm.main, TYPES + [BenchmarkEvalConfig], toy_args(
+            corpus_dir, tokenizer_dir, dropout, runs[name], max_steps=4, eval_steps=2,
+            num_samples=0) + extra)
+    evals = [r for r in metrics(runs["with"]) if "eval_loss" in r]
+    assert [r["step"] for r in evals] == [0, 2, 4]
+    for key in ("eval_demo_choice_acc", "eval_demo_choice_acc_norm",
+                "eval_demo_perplexity_word_perplexity", "eval_demo_perplexity_bits_per_byte",
+                "eval_demo_generate_exact_match"):
+        assert all(key in r for r in evals), (key, evals[-1])
+    train = lambda out: [(r["loss"], r["grad_norm"]) for r in metrics(out) if "loss" in r]  # noqa: E731
+    assert train(runs["with"]) == train(runs["without"])
+
+    model, tok = load_model(str(runs["with"]), "cpu", "float32")
+    out = simple_evaluate(model=HFLM(pretrained=model, tokenizer=tok, batch_size=8),
+                          tasks=tasks, limit=4, bootstrap_iters=0,
+                          task_manager=harness.task_manager())
+    assert evals[-1]["eval_demo_choice_acc"] == out["results"]["demo_choice"]["acc,none"]
+    assert evals[-1]["eval_demo_perplexity_word_perplexity"] == pytest.approx(
+        out["results"]["demo_perplexity"]["word_perplexity,none"], rel=1e-5)
 
 
 def test_loglikelihoods_and_accuracies_are_lm_evals(loaded, data_file, tmp_path):
