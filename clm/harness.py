@@ -20,9 +20,11 @@ demo_choice --include_path folder`).
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import copy
 import random
+import shutil
 import tempfile
 from pathlib import Path
 
@@ -54,6 +56,7 @@ def task_manager(include_path: str | None = None):
                          "lm-evaluation-harness, which is not installed (pip install "
                          "'lm-eval>=0.4.13', the [lm_eval] extra)") from None
     shipped = write_tasks(tempfile.mkdtemp(prefix="clm-eval-tasks-"))
+    atexit.register(shutil.rmtree, shipped, True)
     paths = [str(shipped)] + ([include_path] if include_path else [])
     return TaskManager(include_path=paths, verbosity="ERROR")
 

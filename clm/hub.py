@@ -204,13 +204,16 @@ def eval_results(run: RunRecord) -> list[tuple[str, object]]:
     run.final_eval, a dict {"eval_<name>": value} (the eval records' names in
     metrics.jsonl; other keys, counts like eval_hellaswag_n and timings are ignored, None or
     non-finite values skipped): eval_exact_match -> exact_match, eval_hellaswag_<m> -> <m> on
-    HellaSwag's validation split, any other eval_<name> -> <name>, all on the task
-    text-generation.
+    HellaSwag's validation split, eval_<task>_<m> of an lm-eval --eval_tasks task -> <m> on
+    that task, any other eval_<name> -> <name>, all on the task text-generation.
     """
     from huggingface_hub import EvalResult
 
     heldout = heldout_dataset(run)
     extra = run.final_eval
+    # longest first, so that a task whose name extends another's is matched whole
+    harness_tasks = sorted((t for t in (run.options.get("evaluation") or {}).get("eval_tasks")
+                            or [] if t != "hellaswag"), key=len, reverse=True)
     loss = final_loss(run)
 
     def result(metric: str, value, dataset: dict) -> object:
@@ -231,9 +234,14 @@ def eval_results(run: RunRecord) -> list[tuple[str, object]]:
         name = key[len("eval_"):]
         if any(name == x or name.endswith("_" + x) for x in NOT_METRICS):
             continue
+        task = next((t for t in harness_tasks if name.startswith(t + "_")), None)
         if name.startswith("hellaswag_") and len(name) > len("hellaswag_"):
             metric = name[len("hellaswag_"):]
             out.append((f"HellaSwag {metric}", result(metric, value, HELLASWAG)))
+        elif task:  # an lm-evaluation-harness task's metric, on that task's data
+            metric = name[len(task) + 1:]
+            out.append((f"{task} {metric}", result(metric, value, {
+                "dataset_type": task, "dataset_name": f"{task} (lm-evaluation-harness)"})))
         else:
             out.append((f"eval {name.replace('_', ' ')}", result(name, value, heldout)))
     return out

@@ -156,6 +156,21 @@ def test_sft_card_with_hub_base_model(tmp_path):
     assert 'model="outputs/sft"' in body
 
 
+def test_lm_eval_task_results_name_their_task(tmp_path):
+    """--eval_tasks with lm-eval tasks: each metric is on its task's data, not the held-out
+    text (a task whose name extends another's, demo_choice_x beside demo_choice, kept apart)."""
+    r = pretrain_run(final_eval={"eval_demo_choice_acc": 0.5, "eval_demo_choice_x_acc": 0.25,
+                                 "eval_demo_perplexity_word_perplexity": 88.0})
+    r["evaluation"] = {"eval_tasks": ["hellaswag", "demo_choice", "demo_choice_x",
+                                      "demo_perplexity"]}
+    content, card = write_and_load(tmp_path, r)
+    got = {(e.dataset_type, e.metric_type): e.metric_value for e in card.data.eval_results
+           if e.metric_type != "loss" and e.metric_type != "perplexity"}
+    assert got == {("demo_choice", "acc"): 0.5, ("demo_choice_x", "acc"): 0.25,
+                   ("demo_perplexity", "word_perplexity"): 88.0}
+    assert "| demo_choice acc | 0.5000 |" in card.text
+
+
 @pytest.mark.parametrize("where", ["existing", "relative", "absolute"])
 def test_sft_card_with_local_base_model(tmp_path, where, monkeypatch):
     monkeypatch.chdir(tmp_path)
