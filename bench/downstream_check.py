@@ -27,6 +27,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import subprocess
 import sys
 import tarfile
@@ -125,7 +126,7 @@ PRELUDE = """
 import json, sys, subprocess, os
 from pathlib import Path
 import numpy as np
-args = json.loads(sys.argv[1])
+args = json.loads(sys.argv[1]) if __name__ == "__main__" else {"ref": ".", "work": "."}
 ref, work = Path(args["ref"]), Path(args["work"])
 def ids_of(name):
     return json.loads((ref / f"{name}.json").read_text())["ids"]
@@ -301,7 +302,11 @@ def run_client(name: str, python: Path, folders: dict, ref: Path, work: Path, lo
                extra: dict) -> list[dict]:
     script = work / "checks" / f"check_{name}.py"  # not {name}.py: it would shadow the package
     script.parent.mkdir(parents=True, exist_ok=True)
-    script.write_text(PRELUDE + textwrap.dedent(CHECKS[name]))
+    # a function run under the __main__ guard: a client may start worker processes that
+    # import the script again (multiprocessing's spawn), which must not rerun the check
+    body = textwrap.indent(textwrap.dedent(CHECKS[name]), "    ")
+    script.write_text(PRELUDE + "\ndef main():\n" + body +
+                      "\nif __name__ == '__main__':\n    main()\n")
     args = {"folders": {k: str(v) for k, v in folders.items()}, "ref": str(ref),
             "work": str(work), "text": TEXT, **extra}
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
@@ -344,6 +349,7 @@ def main() -> None:
     if "gguf" in names:
         converter = llama_cpp_converter(work, log)
         extra["converter"] = str(converter) if converter else ""
+    shutil.rmtree(work / "checks", ignore_errors=True)  # no stale script shadows a package
     rows = []
     for name in names:
         python = make_venv(name, work, args.reuse, log)
