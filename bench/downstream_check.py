@@ -41,10 +41,8 @@ TORCH = "torch==2.13.0"
 CLIENTS = {
     "transformers4": [[TORCH, "transformers==4.57.6"]],
     "lm_eval": [[TORCH, "transformers==5.24.0", "lm-eval[hf]==0.4.13"]],
-    # optimum 2.1 and optimum-onnx both write optimum/onnx/: optimum-onnx's has to be the one left
     "onnx": [[TORCH, "transformers==4.57.6", "optimum==2.1.0", "optimum-onnx==0.1.0",
-              "onnx==1.23.2", "onnxruntime==1.32.0"],
-             ["--force-reinstall", "--no-deps", "optimum-onnx==0.1.0"]],
+              "onnx==1.23.2", "onnxruntime==1.32.0"]],
     "gguf": [[TORCH, "transformers==5.24.0", "numpy", "sentencepiece", "protobuf"]],
     "ctranslate2": [[TORCH, "transformers==5.24.0", "ctranslate2==4.8.5"]],
     "peft": [[TORCH, "transformers==5.24.0", "peft==0.21.2"]],
