@@ -253,7 +253,7 @@ MAY_CHANGE = frozenset({
     # evaluation batches, recomputation, compilation, attention kernel, timeouts, bad-step limit
     "per_device_train_batch_size", "gradient_accumulation_steps", "per_device_eval_batch_size",
     "gradient_checkpointing", "torch_compile", "attn_implementation", "ddp_timeout",
-    "max_bad_steps", "dataloader_num_workers",
+    "max_bad_steps", "loss_spike_factor", "dataloader_num_workers",
     # the schedule, so that a run can be extended (--max_steps) or its rates changed; the
     # optimizer itself (--optim, its betas, epsilon, weight decay, clipping) must match
     "max_steps", "learning_rate", "min_lr", "warmup_steps", "lr_scheduler_type",

@@ -277,6 +277,11 @@ class TrainingConfig:
         "busy alone for longer, e.g. tokenizing or saving a large checkpoint.", default=1800)
     max_bad_steps: int = _help("Stop after this many optimizer steps in a row with a NaN/inf "
                                "loss or gradient (each one is skipped).", default=5)
+    loss_spike_factor: float = _help(
+        "Log a loss-spike event (metrics.jsonl, the progress line, the trackers) when a step's "
+        "loss is over this many times the median of the last 50 steps' losses; 0: off. Only "
+        "reported: rolling back past one stays yours (--resume_from_checkpoint step-N).",
+        default=2.0)
     report_to: str = _help("none, wandb, tensorboard or all (through Accelerate's trackers).",
                            default="none")
     run_name: Optional[str] = _help("Tracker run name (default: the output folder's name).",
@@ -358,6 +363,9 @@ class TrainingConfig:
                              "(choose none, wandb, tensorboard or all)")
         if self.max_bad_steps < 1:
             raise UsageError("--max_bad_steps must be >= 1")
+        if self.loss_spike_factor != 0 and not self.loss_spike_factor > 1:
+            raise UsageError(f"--loss_spike_factor must be > 1, or 0 for off (got "
+                             f"{self.loss_spike_factor})")
         if self.ddp_timeout <= 0:
             raise UsageError(f"--ddp_timeout must be > 0 seconds (got {self.ddp_timeout})")
         if self.deepspeed and not os.path.isfile(self.deepspeed):

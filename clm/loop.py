@@ -15,8 +15,10 @@ the same normalised loss and does the clipping and the step.
 
 from __future__ import annotations
 
+import collections
 import functools
 import math
+import statistics
 import time
 from dataclasses import dataclass
 from typing import Callable, Optional
@@ -224,7 +226,7 @@ def train(cfg: TrainingConfig, backend: Backend, model, optimizer, batches, stat
     model.train()
     data = iter(batches)
     try:
-        window = _Window()
+        window, spikes = _Window(), SpikeWatch(cfg.loss_spike_factor)
         run_start = time.perf_counter() - state.elapsed_s
         while state.step < cfg.max_steps:
             lr = optim.apply_schedule(optimizer, state.step, cfg)  # each group: x its lr_scale
@@ -240,6 +242,10 @@ def train(cfg: TrainingConfig, backend: Backend, model, optimizer, batches, stat
             state.tokens += tokens
             state.elapsed_s = time.perf_counter() - run_start
             window.add(nll, labels, tokens, finite)
+            if finite and labels:
+                spike = spikes.check(nll / labels)
+                if spike:
+                    logger.log_event(state.step, state.tokens, spike)
             logger.advance()
             if not finite or state.step % cfg.logging_steps == 0 or state.step == cfg.max_steps:
                 logger.log_train(window.record(state, lr, grad_norm, backend))
@@ -263,6 +269,26 @@ def train(cfg: TrainingConfig, backend: Backend, model, optimizer, batches, stat
     finally:  # on every way out, errors included: the DataLoader workers stop now
         getattr(data, "close", lambda: None)()
     return state
+
+
+class SpikeWatch:
+    """Loss spikes: a step whose loss is over `factor` x the median of the last WINDOW steps'
+    losses (once MIN_SEEN are known) is an event. It only reports: the step has been taken.
+    The losses are the step's, summed over the ranks, so every rank sees the same spikes."""
+
+    WINDOW, MIN_SEEN = 50, 10
+
+    def __init__(self, factor: float):
+        self.factor, self.recent = factor, collections.deque(maxlen=self.WINDOW)
+
+    def check(self, loss: float) -> dict | None:
+        """The event for this step's `loss`, or None."""
+        median = statistics.median(self.recent) if len(self.recent) >= self.MIN_SEEN else None
+        self.recent.append(loss)
+        if not self.factor or median is None or not loss > self.factor * median:
+            return None
+        return {"event": "loss_spike", "step_loss": loss, "median_loss": median,
+                "ratio": round(loss / median, 3), "window": len(self.recent) - 1}
 
 
 class _Window:

@@ -151,6 +151,19 @@ class MetricsLogger:
                 plot_loss_curve(self.path.parent)
         return record
 
+    def log_event(self, step: int, tokens: int, event: dict) -> dict:
+        """An event of the run (`event["event"]` names it: "loss_spike"), in metrics.jsonl
+        (records without "loss" or "eval_loss", so curves and read_metrics' kinds skip them),
+        the trackers and the progress line."""
+        record = {"step": step, "tokens": tokens, **event}
+        self._write(record)
+        self.accelerator.log({f"events/{event['event']}": event.get("step_loss", 1)}, step=step)
+        if self.main and event["event"] == "loss_spike":
+            self.bar.write(f"step {step}: loss spike {event['step_loss']:.4f}, "
+                           f"{event['ratio']:.2f}x the median {event['median_loss']:.4f} of "
+                           f"the last {event['window']} steps")
+        return record
+
     def advance(self, n: int = 1) -> None:
         self.bar.update(n)
 

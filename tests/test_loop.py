@@ -268,3 +268,55 @@ def test_host_tensors_reach_cuda_pinned_and_without_waiting(monkeypatch):
                         "attention_mask": torch.ones(2, 4, dtype=torch.long),
                         "labels": torch.ones(2, 4, dtype=torch.long)}, torch.device("cuda"))
     assert calls == ["pin", ("cuda", True)] * 2  # input ids and labels (the mask is dropped)
+
+
+class EasyThenHard:
+    """Endless batches of one repeated cyclic sequence (learned in a few steps), except a batch
+    of random tokens at step `hard`: a loss spike there and nowhere else."""
+
+    def __init__(self, block: int, hard: int, vocab: int = 300):
+        self.block, self.hard, self.vocab, self.step = block, hard, vocab, 0
+
+    def __iter__(self):
+        gen = torch.Generator().manual_seed(0)
+        easy = (torch.arange(self.block) % 7 + 10).repeat(4, 1)
+        while True:
+            self.step += 1
+            x = torch.randint(self.vocab, (4, self.block), generator=gen) \
+                if self.step == self.hard else easy.clone()
+            yield {"input_ids": x, "attention_mask": torch.ones_like(x), "labels": x.clone()}
+
+    def state_dict(self):
+        return {"step": self.step}
+
+    def load_state_dict(self, state):
+        self.step = state["step"]
+
+
+@pytest.mark.parametrize("factor, spikes", [(1.5, [25]), (0, [])])
+def test_a_loss_spike_is_an_event_and_changes_nothing(tmp_path, capsys, corpus_dir, tokenizer_dir,
+                                                      toy_config_dir, factor, spikes):
+    import train_clm
+    from clm.config import parse_config
+    from helpers import TYPES
+
+    out = tmp_path / "run"
+    argv = toy_args(corpus_dir, tokenizer_dir, toy_config_dir, out, max_steps=30, eval_steps=0,
+                    num_samples=0, learning_rate=1e-2, min_lr=1e-3) + [
+        "--loss_spike_factor", str(factor)]
+    train_clm.main(*parse_config(TYPES, argv), batches=EasyThenHard(32, hard=25))
+    records = metrics(out)
+    events = [r for r in records if r.get("event") == "loss_spike"]
+    assert [e["step"] for e in events] == spikes
+    steps = {r["step"]: r["loss"] for r in records if "loss" in r}
+    assert len(steps) == 30, "every step trained and logged: the spike is only reported"
+    if events:
+        (e,) = events
+        assert e["step_loss"] == steps[25] and e["step_loss"] > 1.5 * e["median_loss"]
+        assert e["window"] == 24 and "loss" not in e and "eval_loss" not in e
+        assert "step 25: loss spike" in capsys.readouterr().out
+
+
+def test_loss_spike_factor_is_checked():
+    with pytest.raises(ValueError, match=r"--loss_spike_factor must be > 1, or 0 for off"):
+        TrainingConfig(output_dir="x", loss_spike_factor=0.5)
