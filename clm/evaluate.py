@@ -5,17 +5,17 @@
 HellaSwag (https://rowanzellers.com/hellaswag): each example is a context `ctx` and 4 `endings`,
 one of them right (`label`). Each ending is scored as `" " + ending` appended to the context:
 `acc` picks the ending with the highest summed log-likelihood of its tokens given the context,
-`acc_norm` the highest log-likelihood per character of the ending (lm-evaluation-harness's
-`acc_norm`, whose per-ending log-likelihoods these are: tests/test_evaluate.py runs both), and
-`acc_norm_token` the highest mean per ending token (the figure llm.c reports as acc_norm). The
-data is
+`acc_norm` the highest mean log-likelihood per ending token (as llm.c reports it), and
+`acc_norm_char` the highest log-likelihood per character of the ending, which is what
+lm-evaluation-harness calls acc_norm (the per-ending log-likelihoods are lm-eval's:
+tests/test_evaluate.py runs both on the same items). The data is
 the validation split of Rowan/hellaswag (10,042 examples, from the Hub), or `--data_files FILE`:
 JSON lines in the same format, {"ctx": str, "endings": [4 str], "label": 0-3 (or "0"-"3")}.
 A context + ending longer than the model's context window loses tokens from the left of the
 context, as in lm-eval (the window holds the last n_positions + 1 tokens, the last of which is
 only predicted); the ending is kept whole.
 
-The last line of stdout is JSON: {"hellaswag": {"acc": .., "acc_norm": .., "acc_norm_token": ..,
+The last line of stdout is JSON: {"hellaswag": {"acc": .., "acc_norm": .., "acc_norm_char": ..,
 "n": ..}}.
 
 Sequences are scored in batches of `--batch_size` (4 per example), right-padded: a causal
@@ -335,14 +335,14 @@ def hellaswag_counts(model, tokenizer, examples: list[dict], batch_size: int = 3
 def hellaswag_scores(model, tokenizer, examples: list[dict], batch_size: int = 32, device=None,
                      autocast: Optional[Callable] = None,
                      topology: Topology = Topology()) -> dict:
-    """{"acc", "acc_norm", "acc_norm_token", "n"} over `examples` (see the module docstring
+    """{"acc", "acc_norm", "acc_norm_char", "n"} over `examples` (see the module docstring
     and hellaswag_counts; every rank gets the same
     result). The model's training mode is restored after."""
     if not examples:
         raise ValueError("hellaswag_scores needs at least one example")
     correct, by_char, by_token, n = hellaswag_counts(model, tokenizer, examples, batch_size,
                                                      device, autocast, topology)
-    return {"acc": correct / n, "acc_norm": by_char / n, "acc_norm_token": by_token / n, "n": n}
+    return {"acc": correct / n, "acc_norm": by_token / n, "acc_norm_char": by_char / n, "n": n}
 
 
 # ----------------------------------------------------------------------------- in training
@@ -353,8 +353,8 @@ class BenchmarkEvalConfig:
 
     eval_tasks: list[str] = field(default_factory=list, metadata={
         "help": "Benchmarks scored at every evaluation: hellaswag (built in, logged as "
-                "eval_hellaswag_acc, _acc_norm (lm-eval's, per character) and _acc_norm_token "
-                "(llm.c's)), or any lm-evaluation-harness task with lm-eval installed (its "
+                "eval_hellaswag_acc, _acc_norm (per token, llm.c's) and _acc_norm_char (per "
+                "character: lm-eval's acc_norm)), or any lm-evaluation-harness task with lm-eval installed (its "
                 "registry, the shipped demo_choice, demo_perplexity and demo_generate, or "
                 "--eval_tasks_include_path), logged as eval_<task>_<metric>."})
     eval_tasks_limit: Optional[int] = _help(
@@ -396,7 +396,7 @@ def make_benchmark_eval(cfg: BenchmarkEvalConfig, tokenizer, batch_size: int):
             scores = hellaswag_scores(model, tokenizer, examples, batch_size, backend.device,
                                       backend.accelerator.autocast, backend.topology)
             results.update({f"eval_{task}_{k}": scores[k]
-                            for k in ("acc", "acc_norm", "acc_norm_token")})
+                            for k in ("acc", "acc_norm", "acc_norm_char")})
         if harness is not None:
             results.update(harness(model, backend))
         return results

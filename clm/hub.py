@@ -136,8 +136,8 @@ LOSS_LABEL, PPL_LABEL = "final eval loss", "final eval perplexity"
 HELLASWAG = {"dataset_type": "Rowan/hellaswag", "dataset_name": "HellaSwag",
              "dataset_split": "validation"}
 METRIC_NAMES = {"loss": "Loss", "perplexity": "Perplexity", "exact_match": "Exact match",
-                "acc": "Accuracy", "acc_norm": "Normalized accuracy (per character, lm-eval's)",
-                "acc_norm_token": "Normalized accuracy (per token, llm.c's)"}
+                "acc": "Accuracy", "acc_norm": "Normalized accuracy (per token, as llm.c)",
+                "acc_norm_char": "Normalized accuracy (per character: lm-eval's acc_norm)"}
 _REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[A-Za-z0-9][\w.-]*)?$")
 
 

@@ -116,17 +116,17 @@ def test_scores_match_independent_computation(loaded, model_dir, data_file, caps
     ref = independent_scores(model, tokenizer, EXAMPLES)
     labels = [int(e["label"]) for e in EXAMPLES]
     acc = sum(best(s) == y for (s, _), y in zip(ref, labels)) / len(labels)
-    acc_norm_token = sum(best(m) == y for (_, m), y in zip(ref, labels)) / len(labels)
+    acc_norm = sum(best(m) == y for (_, m), y in zip(ref, labels)) / len(labels)
     per_char = [[v / len(x) for v, x in zip(s, e["endings"])] for (s, _), e in zip(ref, EXAMPLES)]
-    acc_norm = sum(best(c) == y for c, y in zip(per_char, labels)) / len(labels)
+    acc_norm_char = sum(best(c) == y for c, y in zip(per_char, labels)) / len(labels)
     # the data tells the three apart: some example's best ending differs between them
     assert any(best(s) != best(m) for s, m in ref)
-    assert acc_norm != acc_norm_token
+    assert acc_norm != acc_norm_char
 
     got = evaluate_cli(capsys, "--model", model_dir, "--tasks", "hellaswag",
                        "--data_files", data_file, "--batch_size", 5, "--device", "cpu")
     assert got == {"hellaswag": {"acc": acc, "acc_norm": acc_norm,
-                                 "acc_norm_token": acc_norm_token, "n": len(EXAMPLES)}}
+                                 "acc_norm_char": acc_norm_char, "n": len(EXAMPLES)}}
 
     scores = score_hellaswag(model, tokenizer, load_hellaswag(str(data_file)), batch_size=5)
     assert [s["label"] for s in scores] == labels
@@ -163,7 +163,7 @@ def test_cli_entry_point(model_dir, data_file):
     assert proc.returncode == 0, proc.stderr[-2000:]
     result = json.loads(proc.stdout.strip().splitlines()[-1])
     assert set(result) == {"hellaswag"} and result["hellaswag"]["n"] == 3
-    assert set(result["hellaswag"]) == {"acc", "acc_norm", "acc_norm_token", "n"}
+    assert set(result["hellaswag"]) == {"acc", "acc_norm", "acc_norm_char", "n"}
 
 
 def test_ranks_share_the_examples(loaded, data_file, monkeypatch):
@@ -363,7 +363,7 @@ def test_lm_eval_tasks_run_in_the_loop_on_the_training_model(tmp_path, corpus_di
 
 def test_loglikelihoods_and_accuracies_are_lm_evals(loaded, data_file, tmp_path):
     """lm-evaluation-harness scores the same local items on the same in-memory model (HFLM):
-    each ending's log-likelihood is ours, and so are its acc and acc_norm (per character); the
+    each ending's log-likelihood is ours, its acc our acc, its acc_norm our acc_norm_char; the
     long context is cut as lm-eval cuts it."""
     from lm_eval import simple_evaluate
     from lm_eval.models.huggingface import HFLM
@@ -388,4 +388,5 @@ def test_loglikelihoods_and_accuracies_are_lm_evals(loaded, data_file, tmp_path)
         assert mine["sum_logprob"] == pytest.approx(other, abs=1e-4)
     result, scores = out["results"]["local_hellaswag"], hellaswag_scores(
         model, tokenizer, load_hellaswag(str(data_file)), 4)
-    assert (result["acc,none"], result["acc_norm,none"]) == (scores["acc"], scores["acc_norm"])
+    assert (result["acc,none"], result["acc_norm,none"]) == (scores["acc"],
+                                                              scores["acc_norm_char"])
