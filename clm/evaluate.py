@@ -30,7 +30,7 @@ from __future__ import annotations
 
 import json
 import math
-from contextlib import contextmanager, nullcontext
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Optional
@@ -39,6 +39,7 @@ import torch
 
 from clm.config import _help, run_cli
 from clm.errors import UsageError, first_line
+from clm.model import eval_mode
 from clm.parallel.launch import Topology, close_distributed
 
 HELLASWAG_HUB = "Rowan/hellaswag"
@@ -259,18 +260,6 @@ def _sequence_logprobs(model, seqs, batch_size: int, device, autocast=None, pass
     return result
 
 
-@contextmanager
-def _eval_mode(model):
-    """Eval mode and no autograd for the block; the model's training mode comes back after."""
-    was_training = model.training
-    model.eval()
-    try:
-        with torch.no_grad():
-            yield
-    finally:
-        model.train(was_training)
-
-
 def _device_of(model, device):
     if device is not None:
         return torch.device(device)
@@ -300,7 +289,7 @@ def score_hellaswag(model, tokenizer, examples: list[dict], batch_size: int = 32
     process scores all of `examples` (no sharding). `device`: where the inputs go (default: the
     model's); `autocast`: a context-manager factory the forward passes run in (e.g.
     accelerator.autocast)."""
-    with _eval_mode(model):
+    with eval_mode(model):
         return _score(model, tokenizer, examples, batch_size, _device_of(model, device), autocast)
 
 
@@ -322,7 +311,7 @@ def hellaswag_counts(model, tokenizer, examples: list[dict], batch_size: int = 3
     mine = examples[rank::world]
     # the rank with the most examples runs this many passes; the others match it
     passes = math.ceil(4 * math.ceil(len(examples) / world) / batch_size)
-    with _eval_mode(model):
+    with eval_mode(model):
         scores = _score(model, tokenizer, mine, batch_size, device, autocast, passes, examples)
     counts = [sum(_argmax(s[key]) == s["label"] for s in scores)
               for key in ("sum_logprob", "char_logprob", "mean_logprob")]

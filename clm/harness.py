@@ -32,6 +32,7 @@ import numpy as np
 import torch
 
 from .errors import UsageError
+from .model import eval_mode
 
 SHIPPED = Path(__file__).parent / "eval_tasks"
 
@@ -96,15 +97,13 @@ def make_harness_eval(names: list[str], include_path: str | None, tokenizer, bat
     tokenizer = copy.deepcopy(tokenizer)  # lm-eval may give it a pad token: not the run's
 
     def run(model, backend) -> dict:
-        from .evaluate import _eval_mode
-
         accelerator = backend.accelerator
         # collective where sharded: every rank takes part, the main process gets the model
         whole = backend.full_model(model) if backend.shards_parameters else \
             accelerator.unwrap_model(model)
         results = {}
         if backend.topology.is_main:
-            with _eval_mode(whole), kept_rng_states(), accelerator.autocast():
+            with eval_mode(whole), kept_rng_states(), accelerator.autocast():
                 results = evaluate_tasks(whole, tokenizer, names, manager, batch_size, limit,
                                          next(whole.parameters()).device)
         if backend.topology.distributed:

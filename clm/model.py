@@ -10,6 +10,8 @@ in `generation_config.suppress_tokens`, so generation never produces them.
 
 from __future__ import annotations
 
+from contextlib import contextmanager
+
 import torch
 
 from .config import ModelConfig
@@ -212,3 +214,15 @@ def eager():
     whose shapes (eval batch, padded choices, a growing KV cache) and grad mode differ from
     training's, would otherwise each recompile the training graphs."""
     return torch.compiler.set_stance("force_eager")
+
+
+@contextmanager
+def eval_mode(model):
+    """Eval mode and no autograd for the block; the model's training mode comes back after."""
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            yield
+    finally:
+        model.train(was_training)
