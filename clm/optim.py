@@ -339,7 +339,8 @@ class FlatLayout(NamedTuple):
             while todo and todo[0][1] <= (r + 1) * size:
                 offset, end, shape = todo.pop(0)
                 first = offset // size
-                span = torch.cat([held[q] for q in range(first, r + 1)])
+                # one slice is used as it is: no copy of a whole partition per matrix
+                span = held[r] if first == r else torch.cat([held[q] for q in range(first, r + 1)])
                 start = offset - first * size
                 out = torch.zeros(shape, dtype=update.dtype, device=update.device)
                 orthogonal_step(span[start:start + shape.numel()].view(shape), out)
