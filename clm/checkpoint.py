@@ -26,6 +26,7 @@ from pathlib import Path
 
 import torch
 
+from . import faults
 from .errors import UsageError
 from .parallel import Backend
 
@@ -186,6 +187,14 @@ def resolve_resume(output_dir: str | Path, spec: str, log=print) -> Path:
                           f"{checkpoint_root(output_dir)} (run without it to start afresh)")
 
 
+def newest_complete(output_dir: str | Path, log=print) -> Path | None:
+    """The newest complete checkpoint in `output_dir` (`auto`), or None if it has none."""
+    try:
+        return resolve_resume(output_dir, "latest", log)
+    except CheckpointError:
+        return None
+
+
 def home_of(path: Path) -> Path | None:
     """The output folder a checkpoints/step-N folder belongs to (None if not laid out so)."""
     path = Path(path).resolve()
@@ -253,7 +262,7 @@ MAY_CHANGE = frozenset({
     # evaluation batches, recomputation, compilation, attention kernel, timeouts, bad-step limit
     "per_device_train_batch_size", "gradient_accumulation_steps", "per_device_eval_batch_size",
     "gradient_checkpointing", "torch_compile", "attn_implementation", "ddp_timeout",
-    "max_bad_steps", "loss_spike_factor", "dataloader_num_workers",
+    "max_bad_steps", "loss_spike_factor", "step_timeout", "dataloader_num_workers",
     # the schedule, so that a run can be extended (--max_steps) or its rates changed; the
     # optimizer itself (--optim, its betas, epsilon, weight decay, clipping) must match
     "max_steps", "learning_rate", "min_lr", "warmup_steps", "lr_scheduler_type",
@@ -332,7 +341,9 @@ def save_checkpoint(backend: Backend, model, optimizer, tokenizer, loader, state
     plain = backend.full_model(model)  # collective: the backend gathers sharded weights
     error = None
     try:
+        faults.at("save", state.step)  # CLM_FAULTS (tests, bench/chaos.py) only
         backend.save_state(model, optimizer, tmp / "state")
+        faults.at("save_written", state.step)
         _write_json(tmp / "state" / f"data_rank{backend.topology.dp_rank}.json",
                     loader.state_dict())
         if main:

@@ -250,8 +250,10 @@ class TrainingConfig:
     save_total_limit: Optional[int] = _help(
         "Keep at most N checkpoints (the newest complete one is never deleted).", default=None)
     resume_from_checkpoint: Optional[str] = _help(
-        "'latest' (newest complete checkpoint in output_dir) or a checkpoints/step-N folder: "
-        "continue that run exactly.", default=None)
+        "'latest' (newest complete checkpoint in output_dir), a checkpoints/step-N folder, or "
+        "'auto' (latest if output_dir has a complete checkpoint, else a new run): continue that "
+        "run exactly. A restart by torchrun's agent (--max-restarts) of the launch that wrote "
+        "output_dir resumes from its newest complete checkpoint without this.", default=None)
     seed: int = _help("Seed for initialisation, data order and sampling.", default=1337)
     mixed_precision: Optional[str] = _help(
         "no, bf16 (autocast, fp32 master weights) or fp16. Default: the launcher's (`accelerate "
@@ -275,6 +277,12 @@ class TrainingConfig:
         "Seconds a collective waits for the other processes before the run fails (the process "
         "group's timeout, under DDP, FSDP and DeepSpeed alike): raise it where one rank can be "
         "busy alone for longer, e.g. tokenizing or saving a large checkpoint.", default=1800)
+    step_timeout: Optional[float] = _help(
+        "Seconds without a completed optimizer step after which a rank counts as hung: it "
+        "writes its Python stacks to output_dir/hang-rank<R>.txt, prints one line (rank, step, "
+        "what it was doing) and exits 124, so torchrun stops or restarts the job. Default: 20 x "
+        "the median step time, at least 600 s (the first step, evaluations and checkpoints get "
+        "at least that too); 0: off.", default=None)
     max_bad_steps: int = _help("Stop after this many optimizer steps in a row with a NaN/inf "
                                "loss or gradient (each one is skipped).", default=5)
     loss_spike_factor: float = _help(
@@ -361,6 +369,9 @@ class TrainingConfig:
         if self.report_to not in ("none", "wandb", "tensorboard", "all"):
             raise UsageError(f"unknown --report_to '{self.report_to}' "
                              "(choose none, wandb, tensorboard or all)")
+        if self.step_timeout is not None and self.step_timeout < 0:
+            raise UsageError(f"--step_timeout must be >= 0 seconds, 0 for off (got "
+                             f"{self.step_timeout})")
         if self.max_bad_steps < 1:
             raise UsageError("--max_bad_steps must be >= 1")
         if self.loss_spike_factor != 0 and not self.loss_spike_factor > 1:

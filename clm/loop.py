@@ -26,13 +26,14 @@ from typing import Callable, Optional
 import torch
 import torch.nn.functional as F
 
-from . import optim
+from . import faults, optim
 from .attention import causal_rows, sdpa_backends
 from .config import TrainingConfig
 from .errors import TrainingError
 from .parallel import Backend
 from .parallel.base import StepResult
 from .parallel.launch import all_reduce_sum
+from .watchdog import Watchdog
 
 
 @dataclass
@@ -210,35 +211,44 @@ class Hooks:
     `evaluate()` returns {"eval_loss": .., "eval_<metric>": ..} (every `eval_steps` and at the
     end); `save(state)` checkpoints (every `save_steps`, and when stopped); `stop.local()`,
     this rank's wish to stop (runtime.StopRequest), is summed over the ranks with the step's
-    token counts and acted on after that step (`stop.observe`), on every rank alike.
+    token counts and acted on after that step (`stop.observe`), on every rank alike;
+    `watchdog` (clm.watchdog) is told the phase of each step and when one is done.
     """
 
     logger: object
     evaluate: Callable[[], dict]
     save: Optional[Callable[[LoopState], None]] = None
     stop: object = None
+    watchdog: Optional[Watchdog] = None
 
 
 def train(cfg: TrainingConfig, backend: Backend, model, optimizer, batches, state: LoopState,
           hooks: Hooks) -> LoopState:
     """Run optimizer steps until `cfg.max_steps` or a stop request; `batches` never ends."""
     logger, evaluate_fn, save_fn, stop = hooks.logger, hooks.evaluate, hooks.save, hooks.stop
+    watch = hooks.watchdog or Watchdog.off()
     model.train()
     data = iter(batches)
     try:
         window, spikes = _Window(), SpikeWatch(cfg.loss_spike_factor)
         run_start = time.perf_counter() - state.elapsed_s
         while state.step < cfg.max_steps:
+            step = state.step + 1
             lr = optim.apply_schedule(optimizer, state.step, cfg)  # each group: x its lr_scale
+            watch.phase("reading data", step)
+            faults.at("data", step)
             wait = time.perf_counter()
             micro = [next(data) for _ in range(cfg.gradient_accumulation_steps)]
             window.data_s += time.perf_counter() - wait
+            watch.phase("in forward/backward", step)
             sums = forward_backward(model, micro, backend, stop is not None and stop.local())
+            watch.phase("in the optimizer step", step)
             nll, labels, tokens, grad_norm, finite, stopping = _optimizer_step(
                 backend, model, optimizer, cfg, sums)
+            watch.beat()
             state.bad_steps = 0 if finite else state.bad_steps + 1
             state.skipped += not finite
-            state.step += 1
+            state.step = step
             state.tokens += tokens
             state.elapsed_s = time.perf_counter() - run_start
             window.add(nll, labels, tokens, finite)
@@ -256,17 +266,22 @@ def train(cfg: TrainingConfig, backend: Backend, model, optimizer, batches, stat
                     f"gradient, the last at step {state.step} (lower --learning_rate, keep "
                     "--max_grad_norm clipping on, or check the data)")
             if (cfg.eval_steps and state.step % cfg.eval_steps == 0) or state.step == cfg.max_steps:
+                watch.phase("evaluating", step)
                 results = evaluate_fn()
+                watch.beat(step_done=False)
                 if results:
                     logger.log_eval(state.step, state.tokens, results)
             saved = bool(save_fn and cfg.save_steps and state.step % cfg.save_steps == 0)
-            if saved:
+            stopping = stop is not None and stop.observe(stopping)
+            if saved or (stopping and save_fn):
+                watch.phase("saving a checkpoint", step)
                 save_fn(state)
-            if stop is not None and stop.observe(stopping):
-                if save_fn and not saved:
-                    save_fn(state)
+                watch.beat(step_done=False)
+            faults.at("step", step)
+            if stopping:
                 break
     finally:  # on every way out, errors included: the DataLoader workers stop now
+        watch.close()
         getattr(data, "close", lambda: None)()
     return state
 

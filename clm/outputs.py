@@ -33,6 +33,31 @@ def check_output_dir(output_dir: str, overwrite: bool) -> None:
                          "to replace it, or choose another folder)")
 
 
+LAUNCH_FILE = ".launch.json"  # hidden: not pushed to the Hub
+
+
+def mark_launch(output_dir, topology) -> None:
+    """Record which launch (torchrun agent) writes this folder now, so that the agent's
+    restarts of that launch, and only they, continue in it without a flag (session.check_output);
+    a run with no agent leaves no mark."""
+    path = Path(output_dir) / LAUNCH_FILE
+    if topology.job is None:
+        path.unlink(missing_ok=True)
+        return
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps({"job": topology.job, "restart": topology.restart,
+                               "world_size": topology.world_size}))
+    tmp.replace(path)
+
+
+def launched_by(output_dir) -> str | None:
+    """The launch that last started writing `output_dir` (mark_launch), if any."""
+    try:
+        return str(json.loads((Path(output_dir) / LAUNCH_FILE).read_text())["job"])
+    except (OSError, ValueError, KeyError):
+        return None
+
+
 def clear_run_files(output_dir: str) -> None:
     path = Path(output_dir)
     for name in RUN_FILES:

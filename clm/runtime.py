@@ -26,7 +26,7 @@ from .config import TrainingConfig
 from .errors import UsageError
 from .parallel import Backend, Topology
 from .parallel.deepspeed import deepspeed_device, single_process_group_env
-from .parallel.launch import resolve_mixed_precision
+from .parallel.launch import resolve_mixed_precision, shared_store_warning
 
 TRACKERS = {"none": [], "wandb": ["wandb"], "tensorboard": ["tensorboard"],
             "all": ["wandb", "tensorboard"]}
@@ -70,6 +70,10 @@ def start(cfg: TrainingConfig, topology: Topology) -> Backend:
     # Accelerate passes on only the values that differ from its own defaults (nccl's 600 s
     # timeout among them), so --ddp_timeout 600 would leave a gloo group at torch's 1800 s:
     # the timeout always goes
+    parallel.join_restarted_group(topology, group.timeout, "nccl" if cuda else "gloo")
+    warning = shared_store_warning(topology)
+    if warning and topology.is_main:
+        print(warning)
     group_kwargs = group.to_kwargs()
     group.to_kwargs = lambda: {**group_kwargs, "timeout": group.timeout}
     accelerator = Accelerator(cpu=not cuda and not plugin,
@@ -92,6 +96,7 @@ def describe(backend: Backend) -> dict:
     info = {"type": accelerator.distributed_type.value,
             "accelerate_num_processes": accelerator.num_processes,
             "torch_world_size": backend.topology.world_size,
+            "nodes": backend.topology.num_nodes,
             "backend": accelerator.state.backend, "parallel": backend.name}
     d = torch.distributed
     if d.is_available() and d.is_initialized():

@@ -22,14 +22,15 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from . import attention, checkpoint as ckpt, data, hub, loop, model as models, optim, outputs
-from . import runtime
+from . import attention, checkpoint as ckpt, data, faults, hub, loop, model as models, optim
+from . import outputs, runtime
 from .config import TrainingConfig
 from .errors import TrainingError, UsageError
 from .metrics import MetricsLogger, peak_flops, read_metrics, wandb_run_id
 from .parallel import Backend, Topology
 from .parallel.launch import close_distributed, resolve_mixed_precision
 from .record import RunRecord
+from .watchdog import FLOOR_S, Watchdog
 
 
 def launch(train_cfg: TrainingConfig) -> Topology:
@@ -40,19 +41,43 @@ def launch(train_cfg: TrainingConfig) -> Topology:
 
 
 def check_output(train_cfg: TrainingConfig, topology: Topology,
-                 reshardable: bool = True) -> Path | None:
+                 reshardable: bool = True, log=print) -> Path | None:
     """Refuse a bad --output_dir / --resume_from_checkpoint before any work; returns the
     checkpoint to resume from (None for a new run), its global batch fitted to this run's
     processes (`fit_to_world`). A checkpoint of another output folder continues into
-    --output_dir, which is then guarded like a new run's."""
-    if train_cfg.resume_from_checkpoint:
-        path = ckpt.resolve_resume(Path(train_cfg.output_dir), train_cfg.resume_from_checkpoint)
-        if ckpt.home_of(path) != Path(train_cfg.output_dir).resolve():
+    --output_dir, which is then guarded like a new run's. A restart by torchrun's agent
+    (`--max-restarts`) of the launch that last wrote --output_dir goes on from that folder's
+    newest complete checkpoint, whatever --resume_from_checkpoint says (`auto`)."""
+    out = Path(train_cfg.output_dir)
+    spec = train_cfg.resume_from_checkpoint
+    # (torchrun's restart count cannot tell: a node whose own ranks did not fail restarts them
+    # without counting, when another node's agent starts a new rendezvous round)
+    if topology.job and outputs.launched_by(out) == topology.job:
+        newest = ckpt.newest_complete(out, log=log if topology.is_main else _quiet)
+        if topology.is_main:
+            log(f"a restart of this launch (torchrun --max-restarts, run id {topology.job}): "
+                + (f"resuming from {newest}" if newest else
+                   "no checkpoint was written before the failure; starting again"))
+        if newest:
+            fit_to_world(newest, train_cfg, topology, reshardable)
+            return newest
+        if spec in (None, "auto"):  # our own attempt's files: start it again over them
+            return None
+    if spec == "auto":
+        newest = ckpt.newest_complete(out, log=log if topology.is_main else _quiet)
+        spec = str(newest) if newest else None
+    if spec:
+        path = ckpt.resolve_resume(out, spec)
+        if ckpt.home_of(path) != out.resolve():
             outputs.check_output_dir(train_cfg.output_dir, train_cfg.overwrite_output_dir)
         fit_to_world(path, train_cfg, topology, reshardable)
         return path
     outputs.check_output_dir(train_cfg.output_dir, train_cfg.overwrite_output_dir)
     return None
+
+
+def _quiet(*_args) -> None:
+    pass
 
 
 def load_tokenizer(data_cfg, model_cfg):
@@ -188,6 +213,8 @@ class Session:
         attention.choose_attention(self.accelerator.device, cfg.mixed_precision,
                                  model.config._attn_implementation,
                                  model.config.hidden_size // model.config.num_attention_heads)
+        faults.configure(self.out)  # CLM_FAULTS (tests, bench/chaos.py) only
+        faults.install(model)
         if cfg.torch_compile:  # after activation checkpointing, before wrapping or sharding
             models.compile_blocks(model)
         loop.compile_loss(cfg.torch_compile)
@@ -212,6 +239,7 @@ class Session:
             self.out.mkdir(parents=True, exist_ok=True)
             outputs.clear_run_files(self.cfg.output_dir)
         if self.main:
+            outputs.mark_launch(self.out, self.backend.topology)
             outputs.write_record(self.out / "run_config.yaml", self.run)
 
     def start_trackers(self) -> None:
@@ -252,10 +280,14 @@ class Session:
 
     def train(self) -> str | None:
         """The loop until max_steps or a signal; returns the signal's name if stopped by one."""
+        topology = self.backend.topology
+        watch = Watchdog(self.cfg.step_timeout, self.out, topology.rank, topology.world_size,
+                         floor=min(FLOOR_S, self.cfg.ddp_timeout))
         with runtime.StopRequest() as stop:
             try:
                 loop.train(self.cfg, self.backend, self.model, self.optimizer, self.batches,
-                           self.state, loop.Hooks(self.logger, self.evaluate, self.save, stop))
+                           self.state,
+                           loop.Hooks(self.logger, self.evaluate, self.save, stop, watch))
             finally:  # end the progress bar's line, so an error prints on a line of its own
                 self.logger.close()
         st = self.state

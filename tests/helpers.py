@@ -46,6 +46,32 @@ def world_of(out) -> tuple[int, int]:
     return cfg["world_size"], cfg["distributed"].get("torch_world_size", cfg["world_size"])
 
 
+def plan_items(state: dict) -> list[tuple]:
+    """The shard pieces a saved data state (state/data_rank<R>.json) plans to read."""
+    return [tuple(item) for w in state["workers"] for reader in w["start"]["plan"]
+            for item in reader]
+
+
+def read_plans(corpus_dir, states: list[dict], epoch: int = 0) -> list[set]:
+    """The shard pieces each rank's saved data state (state/data_rank<R>.json) reads in pass
+    `epoch` over `corpus_dir`: the resharded plan it carries, else the standard one."""
+    from clm import data
+    from clm.config import DataConfig
+
+    num_shards = data.open_source(DataConfig(dataset_name=str(corpus_dir))).num_shards
+    plans = []
+    for s in states:
+        workers = max(1, s["num_workers"])
+        if any(w["start"] and w["start"]["plan"] for w in s["workers"]):
+            plans.append(set(plan_items(s)))
+            continue
+        order = data.shard_order(num_shards, s["seed"], epoch, s["shuffle"])
+        plans.append({tuple(item) for w in range(workers) for reader in data.stream_plan(
+            order, workers * s["rank"] + w, workers * s["world_size"],
+            s["readers"] if s["shuffle"] else 1) for item in reader})
+    return plans
+
+
 def run(argv):
     """train_clm.py in this process (the real main, through the real CLI parser)."""
     return run_cli(train_clm.main, TYPES, argv)

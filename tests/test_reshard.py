@@ -10,18 +10,13 @@ import pytest
 import torch
 import yaml
 
-from helpers import ROOT, metrics, run, torchrun, toy_args, world_of
+from helpers import ROOT, metrics, plan_items, run, torchrun, toy_args, world_of
 
 STEPS, HALF = 40, 20
 
 
 def final_eval(out) -> float:
     return [r for r in metrics(out) if "eval_loss" in r][-1]["eval_loss"]
-
-
-def plan_items(state: dict) -> list[tuple]:
-    return [tuple(item) for w in state["workers"] for reader in w["start"]["plan"]
-            for item in reader]
 
 
 BACKENDS = {"ddp": [], "fsdp": ["--fsdp", "full_shard"],

@@ -1,16 +1,22 @@
 """scripts/slurm: the per-node launcher command rendered from Slurm's variables (a fake 2-node
-job, no Slurm needed), the nodelist expansion, and the sbatch script's syntax and wiring."""
+job, no Slurm needed), the nodelist expansion, the sbatch script's syntax and wiring, and the
+sbatch script run for real as two nodes on this machine (a rank killed, the job restarted on
+both nodes, then resumed by a second job that pushes to a local fake Hub)."""
 
 import importlib.util
+import json
 import os
+import socket
 import shlex
 import stat
 import subprocess
 import sys
 
 import pytest
+import yaml
 
-from helpers import ROOT
+from fake_hub import FakeHub
+from helpers import ROOT, metrics, read_plans, toy_args
 
 _spec = importlib.util.spec_from_file_location("slurm_launch",
                                                ROOT / "scripts" / "slurm" / "launch.py")
@@ -136,3 +142,90 @@ def test_sbatch_script_syntax_directives_and_wiring(tmp_path):
     for cmd in cmds:
         assert option(cmd, "--rdzv_endpoint") == "gpu01:29956"
         assert cmd[cmd.index("train_clm.py") + 1:] == TRAIN_ARGS
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def two_node_job(tmp_path, job_id, train_args, **env_extra):
+    """The sbatch script on this machine as a 2-node job, one process per node: a stand-in srun
+    starts each node's task at once, with its own node-local temporary folder and log."""
+    bin_dir, nodes = tmp_path / "bin", tmp_path / f"nodes-{job_id}"
+    bin_dir.mkdir(exist_ok=True)
+    nodes.mkdir()
+    (bin_dir / "scontrol").write_text("#!/bin/sh\nprintf '127.0.0.1\\n127.0.0.1\\n'\n")
+    (bin_dir / "srun").write_text(
+        "#!/bin/bash\n"
+        "while [[ $1 == --* ]]; do shift; done\n"
+        "pids=()\n"
+        "for ((n = 0; n < SLURM_NNODES; n++)); do\n"
+        "  mkdir -p \"$NODES/$n/tmp\"\n"
+        "  SLURM_NODEID=$n SLURM_PROCID=$n TMPDIR=$NODES/$n/tmp \"$@\" > \"$NODES/$n/log\" 2>&1 &\n"
+        "  pids+=($!)\n"
+        "done\n"
+        "rc=0; for p in \"${pids[@]}\"; do wait $p || rc=$?; done; exit $rc\n")
+    for f in bin_dir.iterdir():
+        f.chmod(f.stat().st_mode | stat.S_IEXEC)
+    env = {**os.environ, **job_env(0), "PATH": f"{bin_dir}:{os.environ['PATH']}",
+           "PYTHON": sys.executable, "NODES": str(nodes), "SLURM_JOB_NODELIST": "node[0-1]",
+           "SLURM_JOB_ID": str(job_id), "GPUS_PER_NODE": "1", "MASTER_PORT": str(free_port()),
+           "OMP_NUM_THREADS": "1", "CLM_FAULTS": "", **env_extra}
+    for name in ("SCONTROL", "SLURM_NODEID", "SLURM_PROCID", "MASTER_ADDR"):
+        env.pop(name, None)
+    proc = subprocess.run(["bash", str(SBATCH), *map(str, train_args)], capture_output=True,
+                          text=True, env=env, cwd=ROOT, timeout=600)
+    logs = [(nodes / str(n) / "log").read_text() for n in range(2)]
+    return proc, logs, [nodes / str(n) / "tmp" for n in range(2)]
+
+
+@pytest.mark.slow
+def test_two_nodes_on_one_machine_restart_resume_and_write_once(tmp_path, corpus_dir,
+                                                              tokenizer_dir, toy_config_dir):
+    out = tmp_path / "shared" / "run"  # the one folder both nodes see
+    args = toy_args(corpus_dir, tokenizer_dir, toy_config_dir, out, max_steps=6, save_steps=3,
+                    eval_steps=3, num_samples=1)
+    # job 1: rank 1 (node 1) is killed after step 4; both nodes' agents restart the job, which
+    # goes on from step-3 by itself
+    proc, logs, tmps = two_node_job(tmp_path, 4101, args, MAX_RESTARTS="1",
+                                    CLM_FAULTS="kill:rank=1,step=4")
+    assert proc.returncode == 0, proc.stderr[-2000:] + logs[0][-3000:] + logs[1][-3000:]
+    assert proc.stdout.startswith("job 4101: 2 nodes x 1 GPUs, rendezvous 127.0.0.1:")
+    both = logs[0] + logs[1]
+    # global duties, once per job (rank 0, on whichever node the restart's rendezvous put it):
+    # the report, the checkpoints' model folders, the final folder and card
+    restart = ("a restart of this launch (torchrun --max-restarts, run id 4101): resuming from "
+               f"{out / 'checkpoints' / 'step-3'}")
+    assert both.count(restart) == 1, both[-3000:]
+    assert both.count("final eval loss") == 1
+    run_cfg = yaml.safe_load((out / "run_config.yaml").read_text())
+    assert run_cfg["world_size"] == 2
+    assert run_cfg["distributed"]["torch_world_size"] == 2
+    assert run_cfg["distributed"]["nodes"] == 2
+    # job 2, a new launch: resumed with a flag, extended to step 8, pushed to the Hub once
+    with FakeHub() as hub:
+        env = {"HF_ENDPOINT": hub.endpoint, "HF_TOKEN": "hf_two_nodes", "HF_HUB_DISABLE_XET": "1",
+               "HF_HUB_OFFLINE": "0"}
+        more = ["--resume_from_checkpoint", "latest", "--max_steps", "8", "--push_to_hub",
+                "true", "--hub_model_id", "me/two-nodes", "--hub_strategy", "end"]
+        proc, logs, tmps2 = two_node_job(tmp_path, 4102, args + more, **env)
+        assert proc.returncode == 0, proc.stderr[-2000:] + logs[0][-3000:] + logs[1][-3000:]
+        pushes = [(c["revision"], c["message"]) for c in hub.commits]
+    both = logs[0] + logs[1]
+    assert both.count(f"resumed from {out / 'checkpoints' / 'step-6'} at step 6") == 1
+    assert both.count("final eval loss") == 1
+    assert pushes == [("main", "final model at step 8")], pushes
+    # every step trained once, in order, across the restart and the resume
+    steps = [r["step"] for r in metrics(out) if "loss" in r]
+    assert steps == list(range(1, 9)), steps
+    # each checkpoint holds both ranks' data states; the ranks read disjoint data
+    states = [json.loads((out / "checkpoints" / "step-6" / "state" /
+                          f"data_rank{r}.json").read_text()) for r in range(2)]
+    assert [s["rank"] for s in states] == [0, 1] and {s["world_size"] for s in states} == {2}
+    plans = read_plans(corpus_dir, states)
+    assert plans[0] and plans[1] and not plans[0] & plans[1]
+    # nothing of the run was left in a node's own temporary folder
+    for tmp in tmps + tmps2:
+        assert not list(tmp.rglob("*.safetensors")) and not list(tmp.rglob("metrics.jsonl"))

@@ -28,7 +28,7 @@ from .base import Backend
 from .ddp import DDPBackend
 from .deepspeed import DeepSpeedBackend, deepspeed_config, deepspeed_config_file
 from .fsdp import FSDPBackend
-from .launch import Topology, env_flag, resolve_mixed_precision
+from .launch import Topology, env_flag, join_restarted_group, resolve_mixed_precision
 
 BACKENDS: dict[str, type[Backend]] = {b.name: b for b in (DDPBackend, DeepSpeedBackend,
                                                           FSDPBackend)}

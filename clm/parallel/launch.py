@@ -13,6 +13,7 @@ made, the truth where the two disagree.
 from __future__ import annotations
 
 import os
+import socket
 from dataclasses import dataclass
 
 import torch
@@ -31,6 +32,8 @@ class Topology:
     local_rank: int = 0          # rank on this node (the device index on GPUs)
     local_world_size: int = 1    # processes on this node
     node: int = 0                # this node's index
+    restart: int = 0             # torchrun's restarts of the job so far (--max-restarts)
+    job: str | None = None       # what names this launch across its restarts (None: no agent)
 
     @property
     def dp_rank(self) -> int:
@@ -62,7 +65,8 @@ class Topology:
         rank, world = int(env.get("RANK", "0")), int(env.get("WORLD_SIZE", "1"))
         local_world = int(env.get("LOCAL_WORLD_SIZE", str(world)))
         node = int(env.get("GROUP_RANK", str(rank // max(1, local_world))))
-        return cls(rank, world, int(env.get("LOCAL_RANK", "0")), local_world, node)
+        return cls(rank, world, int(env.get("LOCAL_RANK", "0")), local_world, node,
+                   int(env.get("TORCHELASTIC_RESTART_COUNT", "0")), elastic_job(env))
 
     def check_group(self) -> "Topology":
         """This topology, after checking it against the process group (if one exists)."""
@@ -77,6 +81,57 @@ class Topology:
             raise UsageError(f"the launcher started {self.world_size} processes but no process "
                              "group exists (launch with torchrun or accelerate launch)")
         return self
+
+
+def elastic_job(env) -> str | None:
+    """The name torchrun's agent gives this launch, the same in each of its restarts: the
+    rendezvous id (`--rdzv_id`, Slurm's job id in scripts/slurm; a fresh one per `--standalone`
+    launch). A static rendezvous leaves it 'none'; the agent process, the parent of every
+    worker it starts or restarts on one node, names the launch then. None outside an agent."""
+    if "TORCHELASTIC_RESTART_COUNT" not in env:
+        return None
+    run_id = env.get("TORCHELASTIC_RUN_ID", "")
+    if run_id and run_id != "none":
+        return run_id
+    return f"{socket.gethostname()}:{os.getppid()}"
+
+
+def join_restarted_group(topology: Topology, timeout, backend: str) -> bool:
+    """On a restart by torchrun's agent, join the process group through keys of this attempt's
+    own: the agent serves one TCPStore for all of a launch's attempts (its shared rendezvous
+    store, torch 2.4+), and a restarted rank could otherwise read a key that a dead rank of the
+    previous attempt wrote there (gloo's peer addresses) and wait for ever to connect to it
+    (seen: 1 restart in 3 hung in ProcessGroupGloo's set-up). Returns whether it joined; then
+    Accelerate and DeepSpeed find the group made and use it.
+
+    One node only: there the one agent's restart count names the attempt for every rank. Across
+    nodes the counts differ (a node restarts healthy ranks without counting when another node
+    starts a new round), so the launcher must give each round a store of its own:
+    TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1 (scripts/slurm/launch.py sets it)."""
+    env = os.environ
+    d = torch.distributed
+    if not (topology.distributed and topology.restart and d.is_available()
+            and not d.is_initialized() and env.get("TORCHELASTIC_USE_AGENT_STORE") == "True"
+            and topology.local_world_size == topology.world_size):
+        return False
+    agent_store = d.TCPStore(env["MASTER_ADDR"], int(env["MASTER_PORT"]), topology.world_size,
+                             is_master=False, timeout=timeout)
+    store = d.PrefixStore(f"clm/attempt_{topology.restart}", agent_store)
+    d.init_process_group(backend, store=store, rank=topology.rank,
+                         world_size=topology.world_size, timeout=timeout)
+    return True
+
+
+def shared_store_warning(topology: Topology, environ=None) -> str | None:
+    """The warning for a multi-node launch that may restart over one shared store (above)."""
+    env = os.environ if environ is None else environ
+    if (topology.num_nodes > 1 and env.get("TORCHELASTIC_USE_AGENT_STORE") == "True"
+            and int(env.get("TORCHELASTIC_MAX_RESTARTS", "0")) > 0):
+        return ("warning: torchrun --max-restarts across nodes with the agent's shared store: a "
+                "restart can hang setting up the process group (stale keys of the failed "
+                "attempt); launch with TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1 set (as "
+                "scripts/slurm/launch.py does)")
+    return None
 
 
 def all_reduce_sum(tensor: torch.Tensor, topology: Topology) -> torch.Tensor:

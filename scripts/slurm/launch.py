@@ -116,17 +116,21 @@ def render(env, train_args: list[str], launcher: str = "torchrun",
     if not 0 <= node_rank < nnodes:
         raise LaunchError(f"node rank {node_rank} is outside the job's {nnodes} nodes")
     host = first_node(env)
+    restarts = _int_env(env, "MAX_RESTARTS", default=0)
     if launcher == "torchrun":
+        # a rank that dies restarts the job on every node (each agent sees the new round), and
+        # the restart resumes from the newest checkpoint by itself (clm.session.check_output)
         return [_tool("torchrun"), "--nnodes", str(nnodes), "--nproc_per_node", str(gpus),
                 "--rdzv_backend", "c10d", "--rdzv_endpoint", f"{host}:{port}",
                 "--rdzv_id", str(job_id), "--rdzv_conf", f"is_host={int(node_rank == 0)}",
-                script, *train_args]
+                "--max-restarts", str(restarts), script, *train_args]
     if launcher == "accelerate":
         # accelerate's static rendezvous: the machine rank decides the process ranks
         return [_tool("accelerate"), "launch", "--config_file", accelerate_config,
                 "--num_machines", str(nnodes), "--num_processes", str(nnodes * gpus),
                 "--machine_rank", str(node_rank), "--main_process_ip", host,
-                "--main_process_port", str(port), script, *train_args]
+                "--main_process_port", str(port), "--max_restarts", str(restarts), script,
+                *train_args]
     raise LaunchError(f"unknown launcher '{launcher}' (choose torchrun or accelerate)")
 
 
@@ -163,6 +167,9 @@ def main(argv=None) -> int:
         return 0
     node = os.environ.get("SLURM_NODEID", os.environ.get("SLURM_PROCID"))
     print(f"[node {node}] {shlex.join(cmd)}", file=sys.stderr, flush=True)
+    # each rendezvous round gets a store of its own: a restart over the agent's shared one can
+    # hang on the failed attempt's keys (clm.parallel.launch.join_restarted_group)
+    os.environ.setdefault("TORCH_DISABLE_SHARE_RDZV_TCP_STORE", "1")
     os.execvp(cmd[0], cmd)  # the launcher takes this process's place: Slurm's signals reach it
     return 0  # not reached
 
