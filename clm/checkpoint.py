@@ -20,6 +20,7 @@ import dataclasses
 import hashlib
 import json
 import os
+import re
 import shutil
 from contextlib import contextmanager
 from pathlib import Path
@@ -355,11 +356,10 @@ def save_checkpoint(backend: Backend, model, optimizer, tokenizer, loader, state
     if not _dist_ok(backend, error is None):
         if main:
             shutil.rmtree(tmp, ignore_errors=True)
-        reason = _reason(error)
+        reason = _first_reason(backend, _reason(error))
         previous = [p.name for p in list_checkpoints(output_dir) if verify(p) is None]
         kept = f"{previous[-1]} is intact" if previous else "no earlier checkpoint exists"
-        raise CheckpointError(f"could not save checkpoint {final.name}: "
-                              f"{reason or 'failed on another rank'} "
+        raise CheckpointError(f"could not save checkpoint {final.name}: {reason} "
                               f"(free disk space or change --output_dir; {kept})")
     if main:
         files = {str(f.relative_to(tmp)): f.stat().st_size for f in sorted(tmp.rglob("*"))
@@ -378,11 +378,26 @@ def save_checkpoint(backend: Backend, model, optimizer, tokenizer, loader, state
     return final
 
 
+def _first_reason(backend: Backend, reason: str) -> str:
+    """The first failing rank's reason, told to every rank (a failed save only: a collective
+    of strings), so that each one prints the same line."""
+    if not backend.topology.distributed:
+        return reason
+    reasons = [None] * backend.topology.world_size
+    torch.distributed.all_gather_object(reasons, reason)
+    rank, first = next((r, x) for r, x in enumerate(reasons) if x)
+    return f"{first} on rank {rank}"
+
+
 def _reason(error: Exception | None) -> str:
     if error is None:
         return ""
     if isinstance(error, OSError) and error.errno:
         return os.strerror(error.errno)
+    # an OS error reported through a library (safetensors: "I/O error: ... (os error 28)")
+    found = re.search(r"(?:os error |\[Errno )(\d+)", str(error))
+    if found:
+        return os.strerror(int(found.group(1)))
     first = str(error).strip().splitlines()
     return f"{type(error).__name__}: {first[0]}" if first else type(error).__name__
 

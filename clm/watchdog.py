@@ -103,7 +103,8 @@ class Watchdog:
         how = ("--step_timeout" if self.timeout is not None
                else f"{MULTIPLE} x the median step, at least {self.floor:.0f} s; "
                     "set --step_timeout")
-        sys.stderr.write(f"error: rank {self.rank} of {self.world} hung: no optimizer step "
+        # (on a line of its own: a progress bar may hold the current one)
+        sys.stderr.write(f"\nerror: rank {self.rank} of {self.world} hung: no optimizer step "
                          f"completed in {idle:.0f} s (limit {self.limit():.0f} s: {how}); at "
                          f"step {self.step} it was {self.name}{where}; {stacks}\n")
         sys.stderr.flush()

@@ -2,6 +2,7 @@
 ignore SIGTERM) and under torchrun, and the checkpoints saved before the failure intact."""
 
 import json
+import os
 import re
 import subprocess
 import sys
@@ -155,3 +156,42 @@ def test_the_loop_stops_the_workers_on_its_way_out(tmp_path, corpus_dir, tokeniz
     assert failure.traceback, "the frames are still referenced"
     left = [p for p in multiprocessing.active_children() if p not in before]
     assert left == [], "the DataLoader's workers outlived the loop"
+
+
+@pytest.mark.parametrize("fault, reason", [
+    # rank 0 writes the model and optimizer files: the kernel refuses them past 200 kB
+    ("fsize:rank=0,step=6,bytes=200000", "File too large"),
+    # rank 1's part of the save fails after its backend state was written
+    ("readonly:rank=1,step=6", "Read-only file system")])
+@pytest.mark.slow
+def test_a_full_or_read_only_disk_mid_save_stops_every_rank_and_keeps_the_last_checkpoint(
+        tmp_path, corpus_dir, tokenizer_dir, toy_config_dir, fault, reason):
+    out = tmp_path / "run"
+    args = toy_args(corpus_dir, tokenizer_dir, toy_config_dir, out, max_steps=9, save_steps=3,
+                    eval_steps=0, num_samples=0)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+           str(ROOT / "train_clm.py")]
+    env = {**os.environ, "CLM_FAULTS": fault}
+    proc = subprocess.run(cmd + args, capture_output=True, text=True, timeout=TIMEOUT,
+                          cwd=tmp_path, env=env)
+    assert proc.returncode != 0
+    # every rank stops with the same line (the failing rank's reason), no traceback
+    lines = re.findall(r"^error: could not save checkpoint step-6: .*$", proc.stderr, re.M)
+    rank = fault.split("rank=")[1][0]
+    assert lines == [f"error: could not save checkpoint step-6: {reason} on rank {rank} (free "
+                     "disk space or change --output_dir; step-3 is intact)"] * 2, \
+        proc.stderr[-3000:]
+    # no traceback through the run's code (torchrun prints its own summary of the failure)
+    assert 'train_clm.py", line' not in proc.stderr, proc.stderr[-3000:]
+    codes = [int(c) for c in re.findall(r"exitcode +: (-?\d+)", proc.stderr)]
+    assert codes and 0 not in codes
+    # the partial save is gone, step-3 is whole and a resume from it finishes the run
+    assert [p.name for p in ckpt.list_checkpoints(out)] == ["step-3"]
+    assert not list((out / "checkpoints").glob(".step-*"))
+    assert ckpt.verify(out / "checkpoints" / "step-3") is None
+    env["CLM_FAULTS"] = ""
+    proc = subprocess.run(cmd + args + ["--resume_from_checkpoint", "latest"],
+                          capture_output=True, text=True, timeout=TIMEOUT, cwd=tmp_path, env=env)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert f"resumed from {out / 'checkpoints' / 'step-3'} at step 3" in proc.stdout
+    assert [r["step"] for r in metrics(out) if "loss" in r] == list(range(1, 10))
