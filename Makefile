@@ -5,7 +5,7 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed-$(shell cat requirements.txt pyproject.toml | cksum | cut -d' ' -f1)
 
-.PHONY: setup demo sft-demo test bench corpus tokenizer clean
+.PHONY: setup demo sft-demo test bench chaos corpus tokenizer clean
 
 setup: $(STAMP)
 
@@ -44,6 +44,10 @@ bench: setup tokenizer
 	$(PY) bench/baseline_loop.py --config configs/demo_cpu.yaml --max_steps 100
 	$(PY) bench/checkpoint_io.py
 	$(PY) bench/zero_stages.py
+
+# Random kill / hang / bad-step faults against a 2-process run; prints a table (~8 minutes).
+chaos: setup
+	$(PY) bench/chaos.py --faults 24 --seed 0
 
 test: setup
 	$(PY) -m pytest -q

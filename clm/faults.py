@@ -69,12 +69,13 @@ def parse(spec: str) -> list[Fault]:
 _FAULTS: list[Fault] = parse(os.environ.get(ENV, ""))
 _STEP = 0  # the step being taken (set at its data read)
 _DIR: Path | None = None  # the output folder, where fired faults are noted
+_RANK = 0
 
 
-def configure(output_dir) -> None:
-    """Where the faults that fired are noted (the run's output folder)."""
-    global _DIR
-    _DIR = Path(output_dir) if output_dir is not None else None
+def configure(output_dir, rank: int = 0) -> None:
+    """This process's rank, and where the faults that fired are noted (the output folder)."""
+    global _DIR, _RANK
+    _DIR, _RANK = (Path(output_dir) if output_dir is not None else None), rank
 
 
 def active() -> bool:
@@ -88,7 +89,7 @@ def reload(environ=None) -> None:
 
 
 def _due(point: str, step: int):
-    rank = int(os.environ.get("RANK", "0"))
+    rank = _RANK
     for fault in _FAULTS:
         if KINDS[fault.kind] == point and fault.step == step and fault.rank in (None, rank):
             note = _DIR / FIRED if _DIR else None

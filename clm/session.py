@@ -213,7 +213,7 @@ class Session:
         attention.choose_attention(self.accelerator.device, cfg.mixed_precision,
                                  model.config._attn_implementation,
                                  model.config.hidden_size // model.config.num_attention_heads)
-        faults.configure(self.out)  # CLM_FAULTS (tests, bench/chaos.py) only
+        faults.configure(self.out, self.backend.topology.rank)  # CLM_FAULTS only
         faults.install(model)
         if cfg.torch_compile:  # after activation checkpointing, before wrapping or sharding
             models.compile_blocks(model)

@@ -253,3 +253,23 @@ def test_train_throughput_compares_the_optimizers(tmp_path, corpus_dir, tokenize
     steps = result["optimizer_step"]
     assert steps["step_ms"]["muon"] > 0 and steps["step_ms"]["adamw_torch"] > 0
     assert 0 < steps["muon_params"] < steps["params"]
+
+
+@pytest.mark.slow
+def test_chaos_bench_recovers_from_each_kind_of_fault(tmp_path):
+    """bench/chaos.py with one fault of each kind: a kill from outside and a hang are
+    recovered by torchrun's restart with the clean run's weights; a bad step is skipped."""
+    results = tmp_path / "rows.jsonl"
+    proc = subprocess.run([sys.executable, str(ROOT / "bench" / "chaos.py"), "--faults", "3",
+                           "--work", str(tmp_path / "work"), "--results", str(results)],
+                          capture_output=True, text=True, timeout=900, cwd=ROOT)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    rows = [json.loads(line) for line in results.read_text().splitlines()]
+    assert [r["fault"] for r in rows] == ["kill", "hang", "bad_step"]
+    assert all(r["injected"] and r["recovered"] for r in rows)
+    kill, hang, bad = rows
+    assert kill["restarts"] == hang["restarts"] == 1 and bad["restarts"] == 0
+    assert kill["identical"] and hang["identical"] and not bad["identical"]
+    assert hang["hang_reported"] and bad["steps_skipped"] == 1
+    assert 0 <= kill["steps_redone"] < 4 and 0 <= hang["steps_redone"] < 4
+    assert "| all | 3 | 3 | 3 | 2 |" in proc.stdout

@@ -182,9 +182,8 @@ def test_fault_specs_are_read_or_refused(tmp_path, monkeypatch):
             parse(bad)
     # a fault fires once per output folder and rank, however often its step comes round
     monkeypatch.setenv("CLM_FAULTS", "readonly:step=2")
-    monkeypatch.setenv("RANK", "0")
     faults.reload()
-    faults.configure(tmp_path)
+    faults.configure(tmp_path, rank=0)
     try:
         faults.at("save", 2)  # another point: nothing
         with pytest.raises(OSError, match="Read-only file system"):
