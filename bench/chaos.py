@@ -1,7 +1,7 @@
 """Random faults against a 2-process run under `torchrun --max-restarts`: does it recover, with
 the weights of the run that had none, and how much work was redone or skipped?
 
-    python bench/chaos.py --faults 20 --seed 0            # make chaos: ~12 minutes on 2 cores
+    python bench/chaos.py --faults 24 --seed 0            # make chaos: ~7 minutes on 2 cores
 
 One clean run first (2 gloo processes on CPU, a 2-layer model, STEPS steps, a checkpoint every
 SAVE), then FAULTS runs of the same command, each with one fault drawn at random:
