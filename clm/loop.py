@@ -268,7 +268,6 @@ def train(cfg: TrainingConfig, backend: Backend, model, optimizer, batches, stat
             if (cfg.eval_steps and state.step % cfg.eval_steps == 0) or state.step == cfg.max_steps:
                 watch.phase("evaluating", step)
                 results = evaluate_fn()
-                watch.beat(step_done=False)
                 if results:
                     logger.log_eval(state.step, state.tokens, results)
             saved = bool(save_fn and cfg.save_steps and state.step % cfg.save_steps == 0)
@@ -276,7 +275,6 @@ def train(cfg: TrainingConfig, backend: Backend, model, optimizer, batches, stat
             if saved or (stopping and save_fn):
                 watch.phase("saving a checkpoint", step)
                 save_fn(state)
-                watch.beat(step_done=False)
             faults.at("step", step)
             if stopping:
                 break

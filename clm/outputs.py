@@ -45,8 +45,7 @@ def mark_launch(output_dir, topology) -> None:
         path.unlink(missing_ok=True)
         return
     tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps({"job": topology.job, "restart": topology.restart,
-                               "world_size": topology.world_size}))
+    tmp.write_text(json.dumps({"job": topology.job}))
     tmp.replace(path)
 
 

@@ -50,21 +50,21 @@ def check_output(train_cfg: TrainingConfig, topology: Topology,
     newest complete checkpoint, whatever --resume_from_checkpoint says (`auto`)."""
     out = Path(train_cfg.output_dir)
     spec = train_cfg.resume_from_checkpoint
+    say = log if topology.is_main else (lambda *_: None)
     # (torchrun's restart count cannot tell: a node whose own ranks did not fail restarts them
     # without counting, when another node's agent starts a new rendezvous round)
     if topology.job and outputs.launched_by(out) == topology.job:
-        newest = ckpt.newest_complete(out, log=log if topology.is_main else _quiet)
-        if topology.is_main:
-            log(f"a restart of this launch (torchrun --max-restarts, run id {topology.job}): "
-                + (f"resuming from {newest}" if newest else
-                   "no checkpoint was written before the failure; starting again"))
+        newest = ckpt.newest_complete(out, log=say)
+        say(f"a restart of this launch (torchrun --max-restarts, run id {topology.job}): "
+            + (f"resuming from {newest}" if newest else
+               "no checkpoint was written before the failure; starting again"))
         if newest:
             fit_to_world(newest, train_cfg, topology, reshardable)
             return newest
         if spec in (None, "auto"):  # our own attempt's files: start it again over them
             return None
     if spec == "auto":
-        newest = ckpt.newest_complete(out, log=log if topology.is_main else _quiet)
+        newest = ckpt.newest_complete(out, log=say)
         spec = str(newest) if newest else None
     if spec:
         path = ckpt.resolve_resume(out, spec)
@@ -74,10 +74,6 @@ def check_output(train_cfg: TrainingConfig, topology: Topology,
         return path
     outputs.check_output_dir(train_cfg.output_dir, train_cfg.overwrite_output_dir)
     return None
-
-
-def _quiet(*_args) -> None:
-    pass
 
 
 def load_tokenizer(data_cfg, model_cfg):

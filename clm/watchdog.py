@@ -34,8 +34,9 @@ SLOW_PHASES = ("evaluating", "saving a checkpoint")
 
 
 class Watchdog:
-    """`phase(name)` as the loop goes, `beat()` when a step (or an evaluation, a save) is
-    done; `close()` at the end. Setting a phase is two attribute writes: no cost per step."""
+    """`phase(name)` as the loop goes, `beat()` when an optimizer step is done; `close()` at
+    the end. The clock also restarts on entering and leaving an evaluation or a save. Setting a
+    phase is two attribute writes: no cost per step."""
 
     def __init__(self, timeout: float | None, output_dir: str | Path, rank: int, world: int,
                  floor: float = FLOOR_S):
@@ -63,12 +64,11 @@ class Watchdog:
             self.last = time.monotonic()  # their time is not a step's
         self.name, self.step = name, step
 
-    def beat(self, step_done: bool = True) -> None:
+    def beat(self) -> None:
         now = time.monotonic()
-        if step_done:
-            self.steps += 1
-            if self.steps > 1:  # the first step's time is compilation's
-                self.durations.append(now - self.last)
+        self.steps += 1
+        if self.steps > 1:  # the first step's time is compilation's
+            self.durations.append(now - self.last)
         self.last = now
 
     def limit(self) -> float:

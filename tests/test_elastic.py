@@ -21,7 +21,10 @@ from clm.parallel.launch import elastic_job
 from helpers import ROOT, metrics, read_plans, toy_args, world_of
 
 BACKENDS = {"ddp": [], "fsdp": ["--fsdp", "full_shard"],
-            "zero2": ["--deepspeed", str(ROOT / "ds_configs" / "zero2.json")]}
+            "zero2": ["--deepspeed", str(ROOT / "ds_configs" / "zero2.json")],
+            # the settings users run: bf16 autocast, compiled, a DataLoader worker per rank
+            "ddp_bf16_compile_workers": ["--mixed_precision", "bf16", "--torch_compile", "true",
+                                         "--dataloader_num_workers", "1"]}
 
 
 def torchrun(cwd, args, max_restarts=0, faults="", nproc=2, timeout=600):

@@ -40,6 +40,13 @@ def test_the_limit_follows_the_median_step_with_a_floor():
     assert explicit.limit() == 30
 
 
+def test_a_negative_step_timeout_is_refused():
+    from clm.config import TrainingConfig
+
+    with pytest.raises(ValueError, match=r"--step_timeout must be >= 0 seconds, 0 for off"):
+        TrainingConfig(output_dir="x", step_timeout=-1)
+
+
 def test_a_process_that_stops_progressing_is_ended_with_one_line_and_its_stacks(tmp_path):
     script = textwrap.dedent(f"""
         import time
